@@ -1,0 +1,11 @@
+"""eDiff-I base model at paper size: 64×64 ADM UNet (256 ch, [1,2,4,4], 3 res blocks, attention at 32/16/8),
+T5-XXL text conditioning. Train on a TPU pod (see launch/); on one CPU this config only builds abstractly."""
+
+from ediffi_jax.config import default_config
+
+
+def get_config():
+    c = default_config()
+    c.model.image_size = 64
+    c.data.resolution = 64
+    return c

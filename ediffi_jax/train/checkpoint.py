@@ -1,0 +1,100 @@
+"""Orbax checkpoints of a run: train state (params, EMA, optimizer, step), data-iterator state, config.
+
+Layout of a workdir:
+    config.json          the full config of the run (written once; a re-run must match its model shape)
+    checkpoints/<step>/  state (StandardSave), data (JSON iterator state), config (JSON)
+    tokenizer/, text_encoder/   the frozen text encoders (see encoders.py)
+    tb/                  TensorBoard event files
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from ediffi_jax.train.step import TrainState
+
+# Config subtrees that fix the shapes of what a checkpoint holds: a workdir's checkpoint can only be resumed
+# by a config that agrees on all of them.
+SHAPE_KEYS = ("model", "conditioning.order", "text.max_length", "text.vocab_size", "text.t5")
+
+
+def _lookup(d: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        d = d[part]
+    return d
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else k))
+        return out
+    return {prefix: list(d) if isinstance(d, tuple) else d}
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict:
+    return json.loads(config.to_json_best_effort())
+
+
+def check_compatible(stored: dict, config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Raises one clear line when the workdir holds a run of another model shape."""
+    current = config_to_dict(config)
+    for key in SHAPE_KEYS:
+        a, b = _flatten(_lookup(stored, key), key), _flatten(_lookup(current, key), key)
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                raise ValueError(
+                    f"workdir {workdir!r} holds a checkpoint of another model: {k}={a.get(k)!r} there, "
+                    f"{b.get(k)!r} in this config (use a new --workdir)")
+
+
+class Checkpointer:
+    """Thin wrapper over `ocp.CheckpointManager` with the items of a training run."""
+
+    def __init__(self, workdir: str, *, max_to_keep: int = 3, save_interval_steps: int = 1):
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, save_interval_steps=save_interval_steps, create=True,
+            enable_async_checkpointing=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "data", "config"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: TrainState, data_state: dict | None, config: ml_collections.ConfigDict,
+             *, force: bool = False) -> bool:
+        return self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data_state or {}),
+            config=ocp.args.JsonSave(config_to_dict(config)),
+        ), force=force)
+
+    def restore(self, abstract_state: TrainState, step: int | None = None) -> tuple[TrainState, dict, int]:
+        """Restores into the shapes/shardings of `abstract_state` (from `jax.eval_shape` of the init)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=ocp.args.JsonRestore(),
+        ))
+        return restored["state"], dict(restored["data"] or {}), step
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_like(tree: Any) -> Any:
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)

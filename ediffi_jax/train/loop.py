@@ -1,0 +1,187 @@
+"""The training loop: one `train(config, workdir)` in banner sections, as big_vision lays it out.
+
+Re-running on the same workdir resumes from the latest checkpoint (params, EMA, optimizer, step and the data
+iterator's position), so an interrupted run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
+
+from ediffi_jax.data import pipeline, shapes
+from ediffi_jax.data.shapes_tfds import build_shapes
+from ediffi_jax.encoders import TextEncoders, setup_text_encoders
+from ediffi_jax.train.checkpoint import Checkpointer, abstract_like, check_compatible, config_to_dict
+from ediffi_jax.train.step import (
+    TrainState,
+    build_model,
+    init_train_state,
+    make_optimizer,
+    split_model,
+    step_spec,
+    train_step,
+)
+
+log = logging.getLogger(__name__)
+
+# Keys of a data batch that go to the device (captions stay on the host).
+DEVICE_KEYS = ("image", "t5_ids", "t5_mask")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Cross-field checks that would otherwise fail deep inside a trace."""
+    if config.data.resolution != config.model.image_size:
+        raise ValueError(f"data.resolution={config.data.resolution} differs from "
+                         f"model.image_size={config.model.image_size}")
+    if config.train.batch_size < 1:
+        raise ValueError(f"train.batch_size must be >= 1, got {config.train.batch_size}")
+    if config.data.name != "shapes":
+        raise ValueError(f"data.name={config.data.name!r}: only 'shapes' is available")
+    for n in config.conditioning.order:
+        p = config.conditioning.embeddings[n].drop_prob
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"conditioning.embeddings.{n}.drop_prob={p} is not a probability")
+
+
+def _prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            check_compatible(json.load(f), config, workdir)
+    if jax.process_index() == 0:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(config_to_dict(config), f, indent=2)
+        os.replace(tmp, path)
+
+
+def load_data(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
+    """(train source, validation source) with random access (TFDS array_record)."""
+    d = config.data
+    builder = build_shapes(os.path.expanduser(d.data_dir), d.resolution, d.num_train, d.num_val, d.seed)
+    return builder.as_data_source("train"), builder.as_data_source("validation")
+
+
+def _caption(record: dict) -> str:
+    c = record["caption"]
+    return c.decode() if isinstance(c, bytes) else str(c)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains (or resumes) the run in `workdir`; returns the final metrics (loss, shape-score)."""
+    validate(config)
+    _prepare_workdir(config, workdir)
+
+    # ---------------------------------------------------------------- input
+    train_src, val_src = load_data(config)
+    n_tok = min(len(train_src), 5000)
+    encoders = setup_text_encoders(config, workdir, captions=(_caption(train_src[i]) for i in range(n_tok)))
+    train_iter = pipeline.make_train_iterator(
+        train_src, batch_size=config.train.batch_size, seed=config.seed, tokenize=encoders.tokenize,
+        shard_index=jax.process_index(), shard_count=jax.process_count())
+
+    # ---------------------------------------------------------------- model and optimizer
+    graphdef, params = split_model(build_model(config, config.seed))
+    tx = make_optimizer(config.optim)
+    state = init_train_state(params, tx)
+    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+    log.info("denoiser parameters: %s", f"{n_params:,}")
+
+    # ---------------------------------------------------------------- checkpoint / resume
+    ckpt = Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
+    start = 0
+    if ckpt.latest_step() is not None:
+        state, data_state, start = ckpt.restore(abstract_like(state))
+        if data_state:
+            train_iter.set_state(data_state)
+        log.info("resumed from step %d", start)
+
+    # ---------------------------------------------------------------- update
+    step_fn = jax.jit(
+        lambda s, b, e, k: train_step(s, b, e, k, graphdef=graphdef, encode=encoders.encode, tx=tx,
+                                      spec=step_spec(config)),
+        donate_argnums=(0,))
+    key = jax.random.PRNGKey(config.seed)
+    writer = SummaryWriter(os.path.join(workdir, "tb")) if jax.process_index() == 0 else None
+    metrics: dict[str, float] = {}
+    total = config.train.num_steps
+    t_last, n_last = time.perf_counter(), 0
+    with tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
+              disable=jax.process_index() != 0) as bar:
+        for step in range(start, total):
+            batch = next(train_iter)
+            state, m = step_fn(state, {k: batch[k] for k in DEVICE_KEYS}, encoders.params, key)
+            n_last += 1
+            bar.update(1)
+            done = step + 1
+            if done % config.train.log_every == 0 or done == total:
+                metrics = {k: float(v) for k, v in jax.device_get(m).items()}
+                dt = time.perf_counter() - t_last
+                metrics["images_per_s"] = n_last * config.train.batch_size / dt
+                metrics["s_per_step"] = dt / n_last
+                t_last, n_last = time.perf_counter(), 0
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.1f}")
+                if writer:
+                    for k, v in metrics.items():
+                        writer.add_scalar(f"train/{k}", v, done)
+                if not np.isfinite(metrics["loss"]):
+                    raise FloatingPointError(f"loss is {metrics['loss']} at step {done}; last checkpoint kept")
+            if done % config.train.ckpt_every == 0 or done == total:
+                ckpt.save(done, state, train_iter.get_state(), config, force=done == total)
+            if config.train.eval_every and done % config.train.eval_every == 0 and done != total:
+                _log_eval(evaluate(config, encoders, graphdef, state, val_src, workdir, done), writer, done)
+    ckpt.close()
+
+    # ---------------------------------------------------------------- final evaluation
+    if config.train.eval_num > 0 and total > 0:
+        metrics.update(_log_eval(evaluate(config, encoders, graphdef, state, val_src, workdir, total),
+                                 writer, total))
+    if writer:
+        writer.close()
+    return metrics
+
+
+def _log_eval(result: dict[str, float], writer: SummaryWriter | None, step: int) -> dict[str, float]:
+    if writer:
+        for k, v in result.items():
+            writer.add_scalar(f"eval/{k}", v, step)
+    log.info("step %d eval: %s", step, result)
+    return {f"eval_{k}": v for k, v in result.items()}
+
+
+def evaluate(
+    config: ml_collections.ConfigDict,
+    encoders: TextEncoders,
+    graphdef: Any,
+    state: TrainState,
+    val_src: Any,
+    workdir: str,
+    step: int,
+) -> dict[str, float]:
+    """Samples `train.eval_num` validation captions with the EMA params; writes a grid; returns shape-scores."""
+    from ediffi_jax.sampling import HeunConfig
+    from ediffi_jax.text_to_image import make_sampler, save_grid, to_uint8
+
+    n = min(config.train.eval_num, len(val_src))
+    captions = [_caption(val_src[i]) for i in range(n)]
+    embeddings = encoders.encode_prompts(captions)
+    r = config.model.image_size
+    key = jax.random.PRNGKey(config.seed + 1)
+    noise = jax.random.normal(key, (n, r, r, config.model.out_channels))
+    sample = make_sampler(graphdef, HeunConfig.from_config(config.sample), config.edm.sigma_data)
+    images = to_uint8(sample(state.ema, embeddings, noise, key, jnp.float32(config.sample.guidance_scale)))
+    if jax.process_index() == 0:
+        save_grid(images, os.path.join(workdir, "samples", f"step_{step:08d}.png"))
+    return shapes.score_batch(images, captions)
