@@ -115,24 +115,22 @@ def sample_scene(rng: np.random.Generator, *, max_objects: int = 2) -> Scene:
     n = int(rng.integers(1, max_objects + 1))
     colors = rng.choice(len(COLOR_NAMES), size=n, replace=False)
     positions = rng.choice(len(POSITIONS), size=n, replace=False)
-    objects: list[SceneObject] = []
-    for ci, pi in zip(colors, positions):
-        color, position = COLOR_NAMES[int(ci)], POSITIONS[int(pi)]
-        shape = SHAPES[int(rng.integers(len(SHAPES)))]
-        (x0, x1), (y0, y1) = _POSITION_BOXES[position]
-        for _ in range(1000):
-            obj = SceneObject(
-                color=color,
-                shape=shape,
-                position=position,
-                center=(float(rng.uniform(x0, x1)), float(rng.uniform(y0, y1))),
-                size=float(rng.uniform(*SIZE_RANGE)),
-            )
-            if not any(_overlaps(obj, other) for other in objects):
-                break
-        else:  # pragma: no cover - the position boxes always admit a minimal-size placement
-            raise RuntimeError(f"could not place a {color} {shape} {position} without overlap")
-        objects.append(obj)
+    kinds = [
+        (COLOR_NAMES[int(ci)], SHAPES[int(rng.integers(len(SHAPES)))], POSITIONS[int(pi)])
+        for ci, pi in zip(colors, positions)
+    ]
+    # Rejection-sample the whole placement (a large first object can leave no room for the second).
+    for _ in range(1000):
+        objects = []
+        for color, shape, position in kinds:
+            (x0, x1), (y0, y1) = _POSITION_BOXES[position]
+            center = (float(rng.uniform(x0, x1)), float(rng.uniform(y0, y1)))
+            size = float(rng.uniform(*SIZE_RANGE))
+            objects.append(SceneObject(color=color, shape=shape, position=position, center=center, size=size))
+        if not any(_overlaps(p, q) for i, p in enumerate(objects) for q in objects[:i]):
+            break
+    else:  # pragma: no cover - every pair of position boxes admits non-overlapping placements
+        raise RuntimeError(f"could not place {kinds} without overlap")
     return Scene(objects=tuple(objects))
 
 
@@ -213,6 +211,38 @@ def example(seed: int, index: int, resolution: int, *, max_objects: int = 2) -> 
     """Deterministic example `index` of dataset `seed`: {"image": uint8 [R, R, 3], "caption": str}."""
     scene = sample_scene(scene_rng(seed, index), max_objects=max_objects)
     return {"image": render(scene, resolution), "caption": caption(scene)}
+
+
+class ShapesSource(Sequence):
+    """Lazy random-access source of examples ``start .. start + length - 1`` (no files; grain-compatible).
+
+    Record i is ``example(seed, start + i, resolution)``, the same as record i of the TFDS train split
+    (``start=0``) or validation split (``start=num_train``) built with the same seed.
+    """
+
+    def __init__(self, seed: int, length: int, resolution: int, *, start: int = 0, max_objects: int = 2):
+        if length < 0 or start < 0:
+            raise ValueError(f"length and start must be >= 0, got length={length}, start={start}")
+        if resolution < MIN_RESOLUTION:
+            raise ValueError(f"resolution must be >= {MIN_RESOLUTION}, got {resolution}")
+        self.seed, self.length, self.resolution = seed, length, resolution
+        self.start, self.max_objects = start, max_objects
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:  # type: ignore[override]
+        index = int(index)
+        if not -self.length <= index < self.length:
+            raise IndexError(f"index {index} out of range for ShapesSource of length {self.length}")
+        index %= self.length
+        return example(self.seed, self.start + index, self.resolution, max_objects=self.max_objects)
+
+    def __repr__(self) -> str:
+        return (
+            f"ShapesSource(seed={self.seed}, length={self.length}, resolution={self.resolution}, "
+            f"start={self.start})"
+        )
 
 
 def encode_png(image: np.ndarray) -> bytes:

@@ -46,7 +46,7 @@ __all__ = [
 _SUPPORTED_FF = ("gated-gelu",)
 
 
-@dataclass
+@dataclass(frozen=True)
 class T5Config:
     """Hyper-parameters of a T5 encoder; field names follow HF ``transformers.T5Config``.
 
@@ -196,9 +196,7 @@ class T5LayerNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, *, dtype: str = "float32", param_dtype: str = "float32"):
         self.eps = eps
         self.dtype = jnp.dtype(dtype)
-        self.scale = nnx.Param(
-            jnp.ones((dim,), dtype=jnp.dtype(param_dtype)), out_sharding=("embed",)
-        )
+        self.scale = nnx.Param(jnp.ones((dim,), dtype=jnp.dtype(param_dtype)), out_sharding=("embed",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Return ``scale * x / sqrt(mean(x**2) + eps)`` in the compute dtype."""
@@ -300,7 +298,7 @@ class T5Encoder(nnx.Module):
         )
 
     def position_bias(self, length: int) -> jax.Array:
-        """Bidirectional relative position bias [1, num_heads, length, length] in float32 (HF compute_bias)."""
+        """Bidirectional relative position bias [1, heads, length, length] in float32 (HF compute_bias)."""
         positions = np.arange(length)
         buckets = relative_position_bucket(
             positions[None, :] - positions[:, None],
@@ -322,7 +320,8 @@ class T5Encoder(nnx.Module):
             raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
         if tuple(attention_mask.shape) != tuple(input_ids.shape):
             raise ValueError(
-                f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
+                f"attention_mask shape {tuple(attention_mask.shape)} != "
+                f"input_ids shape {tuple(input_ids.shape)}"
             )
         key_mask = attention_mask.astype(bool)
         x = self.shared(input_ids.astype(jnp.int32)).astype(self.dtype)
