@@ -117,21 +117,23 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     writer = SummaryWriter(os.path.join(workdir, "tb")) if jax.process_index() == 0 else None
     metrics: dict[str, float] = {}
     total = config.train.num_steps
-    t_last, n_last = time.perf_counter(), 0
+    t_last, n_last, window = time.perf_counter(), 0, None
     with tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
               disable=jax.process_index() != 0) as bar:
         for step in range(start, total):
             batch = next(train_iter)
             state, m = step_fn(state, {k: batch[k] for k in DEVICE_KEYS}, encoders.params, key)
+            window = m if window is None else jax.tree.map(jnp.add, window, m)  # stays on device
             n_last += 1
             bar.update(1)
             done = step + 1
             if done % config.train.log_every == 0 or done == total:
-                metrics = {k: float(v) for k, v in jax.device_get(m).items()}
+                # Means over the steps since the last log line (not one noisy step).
+                metrics = {k: float(v) / n_last for k, v in jax.device_get(window).items()}
                 dt = time.perf_counter() - t_last
                 metrics["images_per_s"] = n_last * config.train.batch_size / dt
                 metrics["s_per_step"] = dt / n_last
-                t_last, n_last = time.perf_counter(), 0
+                t_last, n_last, window = time.perf_counter(), 0, None
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.1f}")
                 if writer:
                     for k, v in metrics.items():
