@@ -16,7 +16,7 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m ediffi_jax.cli.demo --workdir workdirs/demo --out demo_out/demo.png
+	$(PY) -m ediffi_jax.cli.demo --out demo_out/demo.png
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ediffi_jax configs tests bench

@@ -17,15 +17,21 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
 from PIL import Image
+from tqdm import tqdm
 
 from ediffi_jax import edm
 from ediffi_jax.encoders import TextEncoders, setup_text_encoders
 from ediffi_jax.models.conditioning import Embedding
 from ediffi_jax.sampling import HeunConfig, guided, heun_sample
-from ediffi_jax.train.checkpoint import Checkpointer, abstract_like, check_compatible
+from ediffi_jax.train.checkpoint import Checkpointer, abstract_like, config_to_dict
 from ediffi_jax.train.step import build_model, init_train_state, make_optimizer, split_model
+
+# Layout of an exported (inference-only) run, beside config.json, tokenizer/ and text_encoder/.
+EXPORT_PARAMS = "params"
+EXPORT_STEP = "step.txt"
 
 
 def guided_denoiser(
@@ -53,14 +59,30 @@ def guided_denoiser(
     return denoise
 
 
-def make_sampler(graphdef: nnx.GraphDef, heun: HeunConfig, sigma_data: float = edm.SIGMA_DATA):
+class StepProgress:
+    """Host-side hook for the sampler's per-step callback: advances `self.bar` (a tqdm bar) when one is set."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def __call__(self, i: jax.Array, _: jax.Array) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+
+def make_sampler(
+    graphdef: nnx.GraphDef,
+    heun: HeunConfig,
+    sigma_data: float = edm.SIGMA_DATA,
+    progress: StepProgress | None = None,
+):
     """jit(params, embeddings, noise, key, guidance_scale) → images in [-1, 1] (float32)."""
 
     @jax.jit
     def sample(params, embeddings, noise, key, guidance_scale):
         model = nnx.merge(graphdef, params)
         den = guided_denoiser(model, embeddings, guidance_scale, sigma_data)
-        return heun_sample(den, noise, heun, key if heun.s_churn > 0 else None)
+        return heun_sample(den, noise, heun, key if heun.s_churn > 0 else None, progress=progress)
 
     return sample
 
@@ -93,18 +115,26 @@ class TextToImage:
     graphdef: nnx.GraphDef
     params: nnx.State
     step: int
+    _samplers: dict = dataclasses.field(default_factory=dict, repr=False)
+    _progress: StepProgress = dataclasses.field(default_factory=StepProgress, repr=False)
 
     @classmethod
     def from_workdir(cls, workdir: str, *, use_ema: bool = True, step: int | None = None) -> TextToImage:
+        """Loads a training run (`checkpoints/`) or an exported one (`params/`, see `export`)."""
         cfg_path = os.path.join(workdir, "config.json")
         if not os.path.isfile(cfg_path):
             raise ValueError(f"workdir {workdir!r} has no config.json: not an ediffi-train run")
         with open(cfg_path) as f:
             stored = json.load(f)
         config = ml_collections.ConfigDict(stored)
-        check_compatible(stored, config, workdir)
         encoders = setup_text_encoders(config, workdir)
         graphdef, params = split_model(nnx.eval_shape(lambda: build_model(config, config.seed)))
+        exported = os.path.join(os.path.abspath(workdir), EXPORT_PARAMS)
+        if os.path.isdir(exported):
+            with ocp.StandardCheckpointer() as ckptr:
+                params = ckptr.restore(exported, abstract_like(params))
+            with open(os.path.join(workdir, EXPORT_STEP)) as f:
+                return cls(config, encoders, graphdef, params, int(f.read()))
         tx = make_optimizer(config.optim)
         abstract = jax.eval_shape(lambda p: init_train_state(p, tx), params)
         ckpt = Checkpointer(workdir)
@@ -114,6 +144,24 @@ class TextToImage:
             ckpt.close()
         return cls(config, encoders, graphdef, state.ema if use_ema else state.params, step)
 
+    def export(self, out_dir: str) -> str:
+        """Writes an inference-only copy of this run (config, tokenizer, text encoder, these parameters):
+        no optimizer state, a quarter of a checkpoint's size. `from_workdir(out_dir)` loads it."""
+        if os.path.exists(out_dir) and os.listdir(out_dir):
+            raise ValueError(f"export directory {out_dir!r} exists and is not empty; refusing to overwrite it")
+        os.makedirs(out_dir, exist_ok=True)
+        config = config_to_dict(self.config)
+        config["text"]["tokenizer_dir"] = ""  # the copy in out_dir/tokenizer
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        self.encoders.tokenizer.save(os.path.join(out_dir, "tokenizer"))
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(os.path.abspath(os.path.join(out_dir, "text_encoder")), self.encoders.params)
+            ckptr.save(os.path.abspath(os.path.join(out_dir, EXPORT_PARAMS)), self.params)
+        with open(os.path.join(out_dir, EXPORT_STEP), "w") as f:
+            f.write(str(self.step))
+        return out_dir
+
     def generate(
         self,
         prompts: Sequence[str],
@@ -121,8 +169,9 @@ class TextToImage:
         seed: int = 0,
         guidance_scale: float | None = None,
         heun: HeunConfig | None = None,
+        progress: bool = False,
     ) -> np.ndarray:
-        """uint8 images [len(prompts), R, R, 3]."""
+        """uint8 images [len(prompts), R, R, 3]; `progress` shows a tqdm bar over the Heun steps."""
         if not prompts:
             raise ValueError("no prompts given")
         heun = heun or HeunConfig.from_config(self.config.sample)
@@ -131,6 +180,15 @@ class TextToImage:
         r = self.config.model.image_size
         key = jax.random.PRNGKey(seed)
         noise = jax.random.normal(jax.random.fold_in(key, 0), (len(prompts), r, r, self.config.model.out_channels))
-        sample = make_sampler(self.graphdef, heun, self.config.edm.sigma_data)
-        images = sample(self.params, embeddings, noise, jax.random.fold_in(key, 1), jnp.float32(s))
-        return to_uint8(images)
+        if heun not in self._samplers:  # one compile per sampler config (and shape)
+            self._samplers[heun] = make_sampler(self.graphdef, heun, self.config.edm.sigma_data, self._progress)
+        sample = self._samplers[heun]
+        with tqdm(total=heun.num_steps, desc="sample", unit="step", disable=not progress) as bar:
+            self._progress.bar = bar
+            try:
+                images = sample(self.params, embeddings, noise, jax.random.fold_in(key, 1), jnp.float32(s))
+                images = to_uint8(images)
+                jax.effects_barrier()
+            finally:
+                self._progress.bar = None
+        return images

@@ -128,6 +128,11 @@ class TextTokenizer:
         mask = np.asarray(encoded["attention_mask"], dtype=bool)
         return {"ids": ids, "mask": mask}
 
+    def save(self, path: str) -> str:
+        """Writes the tokenizer files (loadable with `load_tokenizer(path, max_length)`)."""
+        self.tokenizer.save_pretrained(path)
+        return path
+
     def decode(self, ids: Sequence[int] | np.ndarray, skip_special_tokens: bool = True) -> str:
         """Decode one id sequence back to text (special tokens and padding dropped by default)."""
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -209,11 +210,18 @@ def test_unknown_config_key():
 
 
 def test_paper_config_abstract_and_annotated():
-    cfg = unet_config()
-    model = nnx.eval_shape(lambda: UNet(cfg, rngs=nnx.Rngs(0)))
-    n = param_count(model)
-    print(f"\neDiff-I base64 U-Net (256 ch, [1,2,4,4], 3 blocks, attn 32/16/8): {n / 1e6:.1f}M parameters")
-    assert 3e8 < n < 1.5e9
+    """configs/base64.py builds abstractly (no memory); prints its parameter count; every Param is annotated."""
+    from ediffi_jax.cli.common import load_config_file
+    from ediffi_jax.models.conditioning import ConditionedUNet
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = load_config_file(os.path.join(root, "configs", "base64.py"))
+    assert config.model == unet_config(image_size=64)  # the paper defaults
+    model = nnx.eval_shape(lambda: ConditionedUNet(config, rngs=nnx.Rngs(0)))
+    n_unet, n_cond = param_count(model.unet), param_count(model.conditioner)
+    print(f"\neDiff-I base64 (configs/base64.py: 256 ch, [1,2,4,4], 3 res blocks, attention at 32/16/8): "
+          f"U-Net {n_unet:,} + conditioning projections {n_cond:,} = {n_unet + n_cond:,} parameters")
+    assert 3e8 < n_unet < 1.5e9
     params = nnx.state(model, nnx.Param)
     specs = nnx.get_partition_spec(params)
     flat_specs = dict(nnx.to_flat_state(specs))
@@ -225,7 +233,7 @@ def test_paper_config_abstract_and_annotated():
             path,
             spec,
         )
-    assert flat_specs[("null_token",)].get_value() == jax.sharding.PartitionSpec(None, "context")
+    assert flat_specs[("unet", "null_token")].get_value() == jax.sharding.PartitionSpec(None, "context")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -43,6 +44,13 @@ def check_overrides(argv: Sequence[str], flag: str = "config") -> None:
             if not isinstance(node, ml_collections.ConfigDict) or part not in node:
                 raise ValueError(f"unknown config key {flag}.{dotted} (not defined in {path})")
             node = node[part]
+
+
+def quiet_logs(level: int = logging.INFO) -> None:
+    """Our logs at `level`; JAX's backend probing and Orbax's per-save chatter only from WARNING up."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s")
+    for name in ("absl", "jax", "jax._src.xla_bridge", "orbax"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def run_main(main: Callable[[list[str]], None], argv: Sequence[str], required: Sequence[str] = ()) -> None:

@@ -7,7 +7,7 @@ import sys
 
 from absl import flags
 
-from ediffi_jax.cli.common import run_main
+from ediffi_jax.cli.common import quiet_logs, run_main
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by ediffi-train.")
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt (repeat the flag for several prompts).")
@@ -42,7 +42,7 @@ def _main(argv: list[str]) -> None:
     if _CHURN.value is not None:
         heun = dataclasses.replace(heun, s_churn=_CHURN.value)
     prompts = [p for p in _PROMPT.value for _ in range(_NUM.value)]
-    images = pipe.generate(prompts, seed=_SEED.value, guidance_scale=_GUIDANCE.value, heun=heun)
+    images = pipe.generate(prompts, seed=_SEED.value, guidance_scale=_GUIDANCE.value, heun=heun, progress=True)
     path = save_grid(images, _OUT.value, ncols=_NUM.value)
     print(f"wrote {path} ({len(prompts)} images, step {pipe.step})")
     try:
@@ -52,7 +52,7 @@ def _main(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.WARNING)
+    quiet_logs(logging.WARNING)
     run_main(_main, argv or sys.argv, required=("workdir",))
 
 

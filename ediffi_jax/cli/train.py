@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 
 from absl import flags
 from ml_collections import config_flags
 
-from ediffi_jax.cli.common import run_main
+from ediffi_jax.cli.common import quiet_logs, run_main
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file (get_config()).",
                                           lock_config=True)
@@ -26,7 +25,7 @@ def _main(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    quiet_logs()
     run_main(_main, argv or sys.argv, required=("config",))
 
 

@@ -119,8 +119,8 @@ def train_step(
     ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema, params)
     metrics = {
         "loss": loss,
-        "grad_norm": optax.global_norm(grads),
-        "param_norm": optax.global_norm(params),
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(params),
         # Unweighted reconstruction error is easier to read across σ: split at σ_data.
         "loss_low_sigma": _masked_mean(per_example, sigma < spec.sigma_data),
         "loss_high_sigma": _masked_mean(per_example, sigma >= spec.sigma_data),
