@@ -35,6 +35,7 @@ setup(
         "console_scripts": [
             "ediffi-train=ediffi_jax.cli.train:main",
             "ediffi-sample=ediffi_jax.cli.sample:main",
+            "ediffi-export=ediffi_jax.cli.export:main",
         ]
     },
 )

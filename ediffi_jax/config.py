@@ -85,6 +85,6 @@ def tiny_config() -> ml_collections.ConfigDict:
     c.data.num_train = 20000
     c.data.num_val = 256
     c.optim.update(dict(lr=1e-3, warmup_steps=100, ema_decay=0.999))
-    c.train.update(dict(batch_size=16, num_steps=3000, log_every=50, ckpt_every=500, eval_num=16))
+    c.train.update(dict(batch_size=16, num_steps=6000, log_every=50, ckpt_every=500, eval_num=16))
     c.sample.update(dict(num_steps=18, sigma_max=80.0, guidance_scale=3.0))
     return c

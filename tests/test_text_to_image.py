@@ -57,6 +57,11 @@ def test_generate_is_deterministic_and_uint8(pipe):
     assert a.shape == (2, r, r, 3) and a.dtype == np.uint8
     np.testing.assert_array_equal(a, b)
     assert np.any(a != c)
+    d = pipe.generate(PROMPTS, seed=3, guidance_scale=7.5)
+    assert np.any(a != d)
+    # One compile per shape: seeds and guidance scales are traced arguments.
+    (sampler,) = pipe._samplers.values()
+    assert sampler._cache_size() == 1
     with pytest.raises(ValueError, match="prompt must be a non-empty string, got ''"):
         pipe.generate(["a red circle on the left", ""])
 
