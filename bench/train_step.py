@@ -27,7 +27,7 @@ from ediffi_jax.train.step import build_model, init_train_state, make_optimizer,
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")
-_SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", 8, "Images per sampler call.")
+_SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", 8, "Images per sampler call (0: skip the sampler).")
 
 
 def _time(fn, n):
@@ -100,6 +100,14 @@ def main(argv):
 
     t_peer = _time(lambda: peer_step(model, opt, batch, t5_params, key), _STEPS.value)
 
+    dev = jax.devices()[0]
+    print(f"device: {dev.platform} ({dev.device_kind}), {jax.device_count()} device(s)")
+    print(f"config: {r}x{r}, batch {b}, UNet+conditioning {n_params:,} params, T5 {c.text.t5.num_layers} layers "
+          f"d_model {c.text.t5.d_model}")
+    print(f"train step: compile {t_compile:.1f} s; {t_ours * 1e3:.1f} ms/step; {b / t_ours:.1f} images/s")
+    print(f"peer nnx.jit step: {t_peer * 1e3:.1f} ms/step; ratio peer/ours = {t_peer / t_ours:.2f}")
+    if _SAMPLE_BATCH.value < 1:
+        return
     heun = HeunConfig.from_config(c.sample)
     sampler = make_sampler(graphdef, heun, c.edm.sigma_data)
     sb = _SAMPLE_BATCH.value
@@ -111,12 +119,6 @@ def main(argv):
     t_sample_first = time.perf_counter() - t0
     t_sample = _time(lambda: sampler(params, emb, noise, key, jnp.float32(3.0)), 2)
 
-    dev = jax.devices()[0]
-    print(f"device: {dev.platform} ({dev.device_kind}), {jax.device_count()} device(s)")
-    print(f"config: {r}x{r}, batch {b}, UNet+conditioning {n_params:,} params, T5 {c.text.t5.num_layers} layers "
-          f"d_model {c.text.t5.d_model}")
-    print(f"train step: compile {t_compile:.1f} s; {t_ours * 1e3:.1f} ms/step; {b / t_ours:.1f} images/s")
-    print(f"peer nnx.jit step: {t_peer * 1e3:.1f} ms/step; ratio peer/ours = {t_peer / t_ours:.2f}")
     print(f"sampler ({heun.num_steps} Heun steps = {2 * heun.num_steps - 1} NFE, guidance → batch {2 * sb}): "
           f"first call {t_sample_first:.1f} s, then {t_sample:.2f} s per {sb} images")
 

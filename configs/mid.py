@@ -1,4 +1,4 @@
-"""A mid-size CPU/GPU config between tiny and the paper: 64×64 shapes, ~25M-parameter UNet, 4-layer random T5.
+"""A mid-size config between tiny and the paper: 64×64 shapes, 33M-parameter UNet, 4-layer random T5.
 
     ediffi-train --config configs/mid.py --workdir /tmp/mid
 """

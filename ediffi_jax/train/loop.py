@@ -6,6 +6,7 @@ iterator's position), so an interrupted run continues exactly where it stopped.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -22,6 +23,8 @@ from tqdm import tqdm
 from ediffi_jax.data import pipeline, shapes
 from ediffi_jax.data.shapes_tfds import build_shapes
 from ediffi_jax.encoders import TextEncoders, setup_text_encoders
+from ediffi_jax.sampling import HeunConfig
+from ediffi_jax.text_to_image import make_sampler, save_grid, to_uint8
 from ediffi_jax.train.checkpoint import Checkpointer, abstract_like, check_compatible, config_to_dict
 from ediffi_jax.train.step import (
     TrainState,
@@ -163,6 +166,10 @@ def _log_eval(result: dict[str, float], writer: SummaryWriter | None, step: int)
     return {f"eval_{k}": v for k, v in result.items()}
 
 
+# Periodic evaluations of a run reuse one compiled sampler.
+_eval_sampler = functools.lru_cache(maxsize=4)(make_sampler)
+
+
 def evaluate(
     config: ml_collections.ConfigDict,
     encoders: TextEncoders,
@@ -173,16 +180,13 @@ def evaluate(
     step: int,
 ) -> dict[str, float]:
     """Samples `train.eval_num` validation captions with the EMA params; writes a grid; returns shape-scores."""
-    from ediffi_jax.sampling import HeunConfig
-    from ediffi_jax.text_to_image import make_sampler, save_grid, to_uint8
-
     n = min(config.train.eval_num, len(val_src))
     captions = [_caption(val_src[i]) for i in range(n)]
     embeddings = encoders.encode_prompts(captions)
     r = config.model.image_size
     key = jax.random.PRNGKey(config.seed + 1)
     noise = jax.random.normal(key, (n, r, r, config.model.out_channels))
-    sample = make_sampler(graphdef, HeunConfig.from_config(config.sample), config.edm.sigma_data)
+    sample = _eval_sampler(graphdef, HeunConfig.from_config(config.sample), config.edm.sigma_data)
     images = to_uint8(sample(state.ema, embeddings, noise, key, jnp.float32(config.sample.guidance_scale)))
     if jax.process_index() == 0:
         save_grid(images, os.path.join(workdir, "samples", f"step_{step:08d}.png"))
