@@ -84,3 +84,11 @@ def test_workdir_of_another_model_shape_is_refused(trained_run):
         train(other, workdir)
     assert before and sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before  # nothing lost
     assert open(os.path.join(workdir, "config.json")).read() == config_before
+
+
+def test_rerun_of_a_finished_run_changes_nothing(trained_run):
+    config, workdir, _ = trained_run
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    before = {d: os.path.getmtime(os.path.join(ckpt_dir, d)) for d in os.listdir(ckpt_dir)}
+    assert train(config, workdir) == {}
+    assert {d: os.path.getmtime(os.path.join(ckpt_dir, d)) for d in os.listdir(ckpt_dir)} == before

@@ -55,7 +55,7 @@ class Conditioner(nnx.Module):
             if config.embeddings[name].pooled not in _POOLING:
                 raise ValueError(f"conditioning.embeddings.{name}.pooled={config.embeddings[name].pooled!r} "
                                  f"is not one of {_POOLING}")
-        self.pooling = {n: config.embeddings[n].pooled for n in self.order}
+        self.pooling = tuple(config.embeddings[n].pooled for n in self.order)  # static, hashable
         self.token_norm = nnx.Dict({
             n: nnx.LayerNorm(config.embeddings[n].dim, rngs=rngs,
                              scale_metadata={"out_sharding": ("norm",)},
@@ -80,7 +80,7 @@ class Conditioner(nnx.Module):
         `embeddings` must also be absent from `keep` or False everywhere — it is treated as dropped.
         """
         tokens, masks, pooled = [], [], None
-        for n in self.order:
+        for n, pooling in zip(self.order, self.pooling):
             if n not in embeddings:
                 continue
             e = embeddings[n]
@@ -90,7 +90,7 @@ class Conditioner(nnx.Module):
             tokens.append(jnp.where(mask[..., None], t, 0.0))
             masks.append(mask)
             if n in self.pooled_proj:
-                if self.pooling[n] == "mean":
+                if pooling == "mean":
                     m = e["mask"].astype(e["tokens"].dtype)[..., None]
                     vec = jnp.sum(e["tokens"] * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
                 else:

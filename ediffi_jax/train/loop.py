@@ -77,6 +77,10 @@ def load_data(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
     return builder.as_data_source("train"), builder.as_data_source("validation")
 
 
+def _device_batch(batch: dict) -> dict:
+    return {k: batch[k] for k in DEVICE_KEYS}
+
+
 def _caption(record: dict) -> str:
     c = record["caption"]
     return c.decode() if isinstance(c, bytes) else str(c)
@@ -111,21 +115,31 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             train_iter.set_state(data_state)
         log.info("resumed from step %d", start)
 
-    # ---------------------------------------------------------------- update
+    # ---------------------------------------------------------------- update (compiled ahead of time)
+    key = jax.random.PRNGKey(config.seed)
+    if start >= config.train.num_steps:
+        ckpt.close()
+        log.info("workdir already holds step %d >= train.num_steps=%d: nothing to train",
+                 start, config.train.num_steps)
+        return {}
+    first = next(train_iter)
+    t0 = time.perf_counter()
     step_fn = jax.jit(
         lambda s, b, e, k: train_step(s, b, e, k, graphdef=graphdef, encode=encoders.encode, tx=tx,
                                       spec=step_spec(config)),
-        donate_argnums=(0,))
-    key = jax.random.PRNGKey(config.seed)
+        donate_argnums=(0,)).lower(state, _device_batch(first), encoders.params, key).compile()
+    log.info("train step compiled in %.1f s", time.perf_counter() - t0)
+
     writer = SummaryWriter(os.path.join(workdir, "tb")) if jax.process_index() == 0 else None
     metrics: dict[str, float] = {}
     total = config.train.num_steps
     t_last, n_last, window = time.perf_counter(), 0, None
-    with tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
-              disable=jax.process_index() != 0) as bar:
+    bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
+               disable=jax.process_index() != 0)
+    try:
         for step in range(start, total):
-            batch = next(train_iter)
-            state, m = step_fn(state, {k: batch[k] for k in DEVICE_KEYS}, encoders.params, key)
+            batch = first if step == start else next(train_iter)
+            state, m = step_fn(state, _device_batch(batch), encoders.params, key)
             window = m if window is None else jax.tree.map(jnp.add, window, m)  # stays on device
             n_last += 1
             bar.update(1)
@@ -147,7 +161,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 ckpt.save(done, state, train_iter.get_state(), config, force=done == total)
             if config.train.eval_every and done % config.train.eval_every == 0 and done != total:
                 _log_eval(evaluate(config, encoders, graphdef, state, val_src, workdir, done), writer, done)
-    ckpt.close()
+    finally:
+        bar.close()
+        ckpt.close()  # waits for an in-flight async save, so an interrupted run keeps its last checkpoint
 
     # ---------------------------------------------------------------- final evaluation
     if config.train.eval_num > 0 and total > 0:
