@@ -42,6 +42,9 @@ class TextEncoders:
     graphdef: nnx.GraphDef
     params: nnx.State
 
+    def __post_init__(self) -> None:
+        self._encode_jit = jax.jit(self.encode)  # one compile per prompt-batch shape
+
     def tokenize(self, captions: Sequence[str]) -> dict[str, np.ndarray]:
         tok = self.tokenizer(list(captions))
         return {"t5_ids": tok["ids"], "t5_mask": tok["mask"]}
@@ -55,7 +58,7 @@ class TextEncoders:
         for p in prompts:
             if not isinstance(p, str) or not p.strip():
                 raise ValueError(f"prompt must be a non-empty string, got {p!r}")
-        return jax.jit(self.encode)(self.params, self.tokenize(prompts))
+        return self._encode_jit(self.params, self.tokenize(prompts))
 
 
 def setup_text_encoders(

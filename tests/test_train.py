@@ -49,7 +49,8 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
 
 def test_resume_equals_uninterrupted(tmp_path, data_dir):
     config = micro_config(data_dir)
-    config.train.update(dict(num_steps=6, log_every=2, ckpt_every=3, eval_num=0))
+    config.train.update(dict(num_steps=6, log_every=2, ckpt_every=3, eval_num=8))
+    config.data.num_val = 0  # no validation split: training runs, evaluation is skipped
     straight = str(tmp_path / "straight")
     train(config, straight)
     resumed = str(tmp_path / "resumed")

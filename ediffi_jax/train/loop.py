@@ -71,10 +71,10 @@ def _prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def load_data(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
-    """(train source, validation source) with random access (TFDS array_record)."""
+    """(train source, validation source or None when data.num_val = 0), random access (TFDS array_record)."""
     d = config.data
     builder = build_shapes(os.path.expanduser(d.data_dir), d.resolution, d.num_train, d.num_val, d.seed)
-    return builder.as_data_source("train"), builder.as_data_source("validation")
+    return builder.as_data_source("train"), builder.as_data_source("validation") if d.num_val > 0 else None
 
 
 def _device_batch(batch: dict) -> dict:
@@ -159,14 +159,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                     raise FloatingPointError(f"loss is {metrics['loss']} at step {done}; last checkpoint kept")
             if done % config.train.ckpt_every == 0 or done == total:
                 ckpt.save(done, state, train_iter.get_state(), config, force=done == total)
-            if config.train.eval_every and done % config.train.eval_every == 0 and done != total:
+            periodic_eval = config.train.eval_every and done % config.train.eval_every == 0 and done != total
+            if val_src is not None and periodic_eval:
                 _log_eval(evaluate(config, encoders, graphdef, state, val_src, workdir, done), writer, done)
     finally:
         bar.close()
         ckpt.close()  # waits for an in-flight async save, so an interrupted run keeps its last checkpoint
 
     # ---------------------------------------------------------------- final evaluation
-    if config.train.eval_num > 0 and total > 0:
+    if val_src is not None and config.train.eval_num > 0:
         metrics.update(_log_eval(evaluate(config, encoders, graphdef, state, val_src, workdir, total),
                                  writer, total))
     if writer:
