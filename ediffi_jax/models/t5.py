@@ -41,6 +41,7 @@ __all__ = [
     "relative_position_bucket",
     "hf_param_table",
     "load_hf_state_dict",
+    "from_pretrained",
 ]
 
 _SUPPORTED_FF = ("gated-gelu",)
@@ -430,3 +431,100 @@ def load_hf_state_dict(
     for variable, value in converted.values():
         variable.set_value(jnp.asarray(value, dtype=variable.dtype))
     return model
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading a local HF checkpoint directory
+# --------------------------------------------------------------------------------------------------
+
+_HF_CONFIG_FIELDS = (
+    "vocab_size",
+    "d_model",
+    "d_kv",
+    "d_ff",
+    "num_layers",
+    "num_heads",
+    "relative_attention_num_buckets",
+    "relative_attention_max_distance",
+    "layer_norm_epsilon",
+)
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def _read_hf_config(local_dir: str, dtype: str, param_dtype: str) -> T5Config:
+    import json
+    import os
+
+    path = os.path.join(local_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: config.json not found in T5 checkpoint directory {local_dir!r}")
+    with open(path) as f:
+        raw = json.load(f)
+    if raw.get("model_type") != "t5":
+        raise ValueError(f"{path}: model_type={raw.get('model_type')!r} is not 't5'")
+    ff = raw.get("feed_forward_proj", "relu")
+    if ff not in _SUPPORTED_FF:
+        raise ValueError(f"{path}: feed_forward_proj={ff!r} is not supported (need one of {_SUPPORTED_FF}, T5 v1.1)")
+    fields = {name: raw[name] for name in _HF_CONFIG_FIELDS if name in raw}
+    try:
+        return T5Config(**fields, feed_forward_proj=ff, dtype=dtype, param_dtype=param_dtype)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from e
+
+
+def _read_hf_weights(local_dir: str) -> tuple[str, dict[str, Any]]:
+    """(path of the weight file read, name -> numpy array) from a ``save_pretrained`` directory."""
+    import json
+    import os
+
+    single = os.path.join(local_dir, "model.safetensors")
+    index = os.path.join(local_dir, "model.safetensors.index.json")
+    torch_bin = os.path.join(local_dir, "pytorch_model.bin")
+    if os.path.isfile(single) or os.path.isfile(index):
+        from safetensors.numpy import load_file
+
+        if os.path.isfile(single):
+            return single, dict(load_file(single))
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        state: dict[str, Any] = {}
+        for shard in shards:
+            state.update(load_file(os.path.join(local_dir, shard)))
+        return index, state
+    if os.path.isfile(torch_bin):
+        try:
+            import torch
+        except ImportError as e:
+            raise ValueError(f"{torch_bin}: reading pytorch_model.bin needs torch, which is not installed") from e
+        loaded = torch.load(torch_bin, map_location="cpu", weights_only=True)
+        # numpy has no bfloat16: widen such tensors to float32 (load_hf_state_dict casts to param_dtype anyway).
+        return torch_bin, {
+            k: (v.float() if v.dtype == torch.bfloat16 else v).detach().cpu().numpy() for k, v in loaded.items()
+        }
+    raise ValueError(f"no T5 weights in {local_dir!r}: looked for {', '.join(_WEIGHT_FILES)}")
+
+
+def from_pretrained(
+    local_dir: str, *, dtype: str = "float32", param_dtype: str = "float32"
+) -> tuple[T5Encoder, T5Config]:
+    """Load a local HF T5 v1.1 checkpoint directory (``T5EncoderModel`` / ``T5ForConditionalGeneration``
+    ``save_pretrained`` output) into a :class:`T5Encoder`. Hub names are never downloaded.
+
+    Reads ``config.json`` and ``model.safetensors``, a sharded ``model.safetensors.index.json`` or
+    ``pytorch_model.bin`` (needs torch). Decoder / LM-head weights are ignored. Returns ``(model, config)``.
+    """
+    import os
+
+    if not os.path.isdir(local_dir):
+        raise ValueError(
+            f"T5 checkpoint directory {local_dir!r} does not exist "
+            "(hub names are not downloaded; pass a local directory)"
+        )
+    config = _read_hf_config(local_dir, dtype, param_dtype)
+    path, state_dict = _read_hf_weights(local_dir)
+    model = T5Encoder(config, rngs=nnx.Rngs(0))
+    try:
+        load_hf_state_dict(model, state_dict, ignore_prefixes=("decoder.", "lm_head."))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+    return model, config
