@@ -18,16 +18,21 @@ and ``fc2`` ("mlp", "embed"), biases on the output axis; all LayerNorms (``layer
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
+
+from ediffi_jax.models.hf_checkpoint import (
+    ParamTable,
+    load_strict,
+    read_config_json,
+    read_weights,
+    require_local_dir,
+)
 
 __all__ = [
     "CLIPTextConfig", "CLIPVisionConfig", "CLIPTextEncoder", "CLIPVisionEncoder", "CLIPAttention", "CLIPMLP",
@@ -323,7 +328,7 @@ class CLIPVisionEncoder(nnx.Module):
 
 # ----- HF state-dict mapping -----
 
-_Table = dict[str, tuple[tuple[str | int, ...], str | None]]  # key -> (path, transform: None | "T" | "conv")
+_Table = ParamTable
 
 
 def _layer_table(table: _Table, prefix: str, num_layers: int) -> None:
@@ -369,50 +374,13 @@ def hf_vision_param_table(config: CLIPVisionConfig) -> _Table:
     return table
 
 
-def _get_variable(model: nnx.Module, path: tuple[str | int, ...]) -> nnx.Variable:
-    node: Any = model
-    for part in path:
-        node = node[part] if isinstance(part, int) else getattr(node, part)
-    if not isinstance(node, nnx.Variable):
-        raise TypeError(f"path {path} does not lead to an nnx.Variable (got {type(node).__name__})")
-    return node
-
-
-def _transform(value: np.ndarray, how: str | None) -> np.ndarray:
-    if how == "T":
-        return value.T
-    if how == "conv":  # torch [out, in, kh, kw] -> flax [kh, kw, in, out]
-        return np.transpose(value, (2, 3, 1, 0)) if value.ndim == 4 else value
-    return value
-
-
 def _load(model: nnx.Module, table: _Table, state_dict: Mapping[str, Any], ignore_prefixes: Sequence[str],
           what: str) -> None:
     arrays = {
         k: v for k, v in state_dict.items()
         if not k.endswith("position_ids") and not any(k.startswith(p) for p in ignore_prefixes)
     }
-    missing = sorted(k for k in table if k not in arrays)
-    unexpected = sorted(k for k in arrays if k not in table)
-    mismatched, converted = [], []
-    for key, (path, how) in table.items():
-        if key not in arrays:
-            continue
-        raw = np.asarray(arrays[key])
-        value = _transform(raw, how)
-        variable = _get_variable(model, path)
-        if tuple(value.shape) != tuple(variable.shape):
-            want = tuple(variable.shape)  # reported in the HF layout
-            want = want[::-1] if how == "T" else (want[3], want[2], want[0], want[1]) if how == "conv" else want
-            mismatched.append(f"{key}: got {tuple(raw.shape)}, expected {want}")
-            continue
-        converted.append((variable, value))
-    kinds = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
-    problems = [f"{kind} ({len(keys)}): {keys}" for kind, keys in kinds if keys]
-    if problems:
-        raise ValueError(f"cannot load HF CLIP {what} state dict: " + "; ".join(problems))
-    for variable, value in converted:
-        variable.set_value(jnp.asarray(value, dtype=variable.dtype))
+    load_strict(model, table, arrays, f"CLIP {what}")
 
 
 _TEXT_IGNORE = ("vision_model.", "visual_projection.", "logit_scale")
@@ -440,11 +408,7 @@ def load_hf_vision_state_dict(
 # ----- Loading a local HF checkpoint directory -----
 
 def _read_config(local_dir: str, tower: str, cls: type, **kw: Any) -> Any:
-    path = os.path.join(local_dir, "config.json")
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: config.json not found in CLIP checkpoint directory {local_dir!r}")
-    with open(path) as f:
-        raw = json.load(f)
+    path, raw = read_config_json(local_dir, "CLIP")
     model_type = raw.get("model_type")
     if model_type == "clip":
         sub = dict(raw.get(f"{tower}_config") or {})
@@ -461,20 +425,12 @@ def _read_config(local_dir: str, tower: str, cls: type, **kw: Any) -> Any:
 
 
 def _from_pretrained(local_dir: str, tower: str, config_cls: type, model_cls: type, loader: Any, **kw: Any):
-    from safetensors.numpy import load_file
-
-    if not os.path.isdir(local_dir):
-        raise ValueError(
-            f"CLIP checkpoint directory {local_dir!r} does not exist "
-            "(hub names are not downloaded; pass a local directory)"
-        )
+    require_local_dir(local_dir, "CLIP")
     config = _read_config(local_dir, tower, config_cls, **kw)
-    path = os.path.join(local_dir, "model.safetensors")
-    if not os.path.isfile(path):
-        raise ValueError(f"no CLIP weights in {local_dir!r}: model.safetensors not found")
+    path, state_dict = read_weights(local_dir, "CLIP")
     model = model_cls(config, rngs=nnx.Rngs(0))
     try:
-        loader(model, load_file(path))
+        loader(model, state_dict)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
     return model, config
@@ -484,7 +440,8 @@ def from_pretrained_text(
     local_dir: str, *, dtype: str = "float32", param_dtype: str = "float32"
 ) -> tuple[CLIPTextEncoder, CLIPTextConfig]:
     """Load a local ``CLIPTextModelWithProjection`` or full ``CLIPModel`` ``save_pretrained`` directory
-    (``config.json`` + ``model.safetensors``). Returns ``(model, config)``. Hub names are never downloaded."""
+    (``config.json`` + ``model.safetensors``, a sharded index, or ``pytorch_model.bin``). Returns
+    ``(model, config)``. Hub names are never downloaded."""
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     return _from_pretrained(local_dir, "text", CLIPTextConfig, CLIPTextEncoder, load_hf_text_state_dict, **kw)
 

@@ -31,6 +31,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ediffi_jax.models.hf_checkpoint import (
+    ParamTable,
+    load_strict,
+    read_config_json,
+    read_weights,
+    require_local_dir,
+)
+
 __all__ = [
     "T5Config",
     "T5Encoder",
@@ -339,38 +347,29 @@ class T5Encoder(nnx.Module):
 _TIED_EMBED_ALIAS = "encoder.embed_tokens.weight"
 
 
-def hf_param_table(config: T5Config) -> dict[str, tuple[tuple[str | int, ...], bool]]:
-    """HF ``T5EncoderModel`` state-dict key -> (path in :class:`T5Encoder`, transpose?).
+def hf_param_table(config: T5Config) -> ParamTable:
+    """HF ``T5EncoderModel`` state-dict key -> (path in :class:`T5Encoder`, transform).
 
-    ``transpose`` is True for ``nn.Linear`` weights, which PyTorch stores as [out, in] while NNX kernels
-    are [in, out]. ``encoder.embed_tokens.weight`` (tied to ``shared.weight``) is handled by the loader.
+    ``"T"`` marks ``nn.Linear`` weights, which PyTorch stores as [out, in] while NNX kernels are [in, out].
+    ``encoder.embed_tokens.weight`` (tied to ``shared.weight``) is handled by the loader.
     """
-    table: dict[str, tuple[tuple[str | int, ...], bool]] = {
-        "shared.weight": (("shared", "embedding"), False),
+    table: ParamTable = {
+        "shared.weight": (("shared", "embedding"), None),
         "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": (
             ("relative_attention_bias",),
-            False,
+            None,
         ),
-        "encoder.final_layer_norm.weight": (("final_layer_norm", "scale"), False),
+        "encoder.final_layer_norm.weight": (("final_layer_norm", "scale"), None),
     }
     for i in range(config.num_layers):
         pre = f"encoder.block.{i}.layer"
-        table[f"{pre}.0.layer_norm.weight"] = (("blocks", i, "attn_norm", "scale"), False)
+        table[f"{pre}.0.layer_norm.weight"] = (("blocks", i, "attn_norm", "scale"), None)
         for name in ("q", "k", "v", "o"):
-            table[f"{pre}.0.SelfAttention.{name}.weight"] = (("blocks", i, "attn", name, "kernel"), True)
-        table[f"{pre}.1.layer_norm.weight"] = (("blocks", i, "ffn_norm", "scale"), False)
+            table[f"{pre}.0.SelfAttention.{name}.weight"] = (("blocks", i, "attn", name, "kernel"), "T")
+        table[f"{pre}.1.layer_norm.weight"] = (("blocks", i, "ffn_norm", "scale"), None)
         for name in ("wi_0", "wi_1", "wo"):
-            table[f"{pre}.1.DenseReluDense.{name}.weight"] = (("blocks", i, "ffn", name, "kernel"), True)
+            table[f"{pre}.1.DenseReluDense.{name}.weight"] = (("blocks", i, "ffn", name, "kernel"), "T")
     return table
-
-
-def _get_variable(model: nnx.Module, path: tuple[str | int, ...]) -> nnx.Variable:
-    node: Any = model
-    for part in path:
-        node = node[part] if isinstance(part, int) else getattr(node, part)
-    if not isinstance(node, nnx.Variable):
-        raise TypeError(f"path {path} does not lead to an nnx.Variable (got {type(node).__name__})")
-    return node
 
 
 def load_hf_state_dict(
@@ -399,37 +398,7 @@ def load_hf_state_dict(
         ):
             raise ValueError(f"{_TIED_EMBED_ALIAS!r} differs from 'shared.weight' (they must be tied)")
 
-    missing = sorted(k for k in table if k not in arrays)
-    unexpected = sorted(k for k in arrays if k not in table)
-    mismatched = []
-    converted: dict[str, tuple[nnx.Variable, np.ndarray]] = {}
-    for key, (path, transpose) in table.items():
-        if key not in arrays:
-            continue
-        value = np.asarray(arrays[key])
-        if transpose:
-            value = value.T
-        variable = _get_variable(model, path)
-        expected = tuple(variable.shape)
-        if tuple(value.shape) != expected:
-            shown = tuple(reversed(value.shape)) if transpose else tuple(value.shape)
-            want = tuple(reversed(expected)) if transpose else expected
-            mismatched.append(f"{key}: got {shown}, expected {want}")
-            continue
-        converted[key] = (variable, value)
-
-    problems = []
-    if missing:
-        problems.append(f"missing keys ({len(missing)}): {missing}")
-    if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
-    if mismatched:
-        problems.append(f"shape mismatches ({len(mismatched)}): {mismatched}")
-    if problems:
-        raise ValueError("cannot load HF T5 encoder state dict: " + "; ".join(problems))
-
-    for variable, value in converted.values():
-        variable.set_value(jnp.asarray(value, dtype=variable.dtype))
+    load_strict(model, table, arrays, "T5 encoder")
     return model
 
 
@@ -448,18 +417,8 @@ _HF_CONFIG_FIELDS = (
     "relative_attention_max_distance",
     "layer_norm_epsilon",
 )
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-
-
 def _read_hf_config(local_dir: str, dtype: str, param_dtype: str) -> T5Config:
-    import json
-    import os
-
-    path = os.path.join(local_dir, "config.json")
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: config.json not found in T5 checkpoint directory {local_dir!r}")
-    with open(path) as f:
-        raw = json.load(f)
+    path, raw = read_config_json(local_dir, "T5")
     if raw.get("model_type") != "t5":
         raise ValueError(f"{path}: model_type={raw.get('model_type')!r} is not 't5'")
     ff = raw.get("feed_forward_proj", "relu")
@@ -472,38 +431,6 @@ def _read_hf_config(local_dir: str, dtype: str, param_dtype: str) -> T5Config:
         raise ValueError(f"{path}: {e}") from e
 
 
-def _read_hf_weights(local_dir: str) -> tuple[str, dict[str, Any]]:
-    """(path of the weight file read, name -> numpy array) from a ``save_pretrained`` directory."""
-    import json
-    import os
-
-    single = os.path.join(local_dir, "model.safetensors")
-    index = os.path.join(local_dir, "model.safetensors.index.json")
-    torch_bin = os.path.join(local_dir, "pytorch_model.bin")
-    if os.path.isfile(single) or os.path.isfile(index):
-        from safetensors.numpy import load_file
-
-        if os.path.isfile(single):
-            return single, dict(load_file(single))
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        state: dict[str, Any] = {}
-        for shard in shards:
-            state.update(load_file(os.path.join(local_dir, shard)))
-        return index, state
-    if os.path.isfile(torch_bin):
-        try:
-            import torch
-        except ImportError as e:
-            raise ValueError(f"{torch_bin}: reading pytorch_model.bin needs torch, which is not installed") from e
-        loaded = torch.load(torch_bin, map_location="cpu", weights_only=True)
-        # numpy has no bfloat16: widen such tensors to float32 (load_hf_state_dict casts to param_dtype anyway).
-        return torch_bin, {
-            k: (v.float() if v.dtype == torch.bfloat16 else v).detach().cpu().numpy() for k, v in loaded.items()
-        }
-    raise ValueError(f"no T5 weights in {local_dir!r}: looked for {', '.join(_WEIGHT_FILES)}")
-
-
 def from_pretrained(
     local_dir: str, *, dtype: str = "float32", param_dtype: str = "float32"
 ) -> tuple[T5Encoder, T5Config]:
@@ -513,15 +440,9 @@ def from_pretrained(
     Reads ``config.json`` and ``model.safetensors``, a sharded ``model.safetensors.index.json`` or
     ``pytorch_model.bin`` (needs torch). Decoder / LM-head weights are ignored. Returns ``(model, config)``.
     """
-    import os
-
-    if not os.path.isdir(local_dir):
-        raise ValueError(
-            f"T5 checkpoint directory {local_dir!r} does not exist "
-            "(hub names are not downloaded; pass a local directory)"
-        )
+    require_local_dir(local_dir, "T5")
     config = _read_hf_config(local_dir, dtype, param_dtype)
-    path, state_dict = _read_hf_weights(local_dir)
+    path, state_dict = read_weights(local_dir, "T5")
     model = T5Encoder(config, rngs=nnx.Rngs(0))
     try:
         load_hf_state_dict(model, state_dict, ignore_prefixes=("decoder.", "lm_head."))
