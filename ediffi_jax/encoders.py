@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
 
 import jax
 import ml_collections
@@ -96,6 +95,3 @@ def setup_text_encoders(
                 ckptr.save(enc_dir, params)
     return TextEncoders(tokenizer=tokenizer, graphdef=graphdef, params=params)
 
-
-def encoder_param_count(params: Any) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
