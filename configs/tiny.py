@@ -1,4 +1,4 @@
-"""The CPU default: a small UNet on 32×32 shapes with a 2-layer random frozen T5 (see ediffi_jax.config).
+"""The CPU default: a small UNet on 32×32 shapes with small random frozen T5 / CLIP encoders (see ediffi_jax.config).
 
     ediffi-train --config configs/tiny.py --workdir /tmp/tiny
 """

@@ -18,23 +18,36 @@ def default_config() -> ml_collections.ConfigDict:
     # The denoiser UNet (see models/unet.py for every field). Paper base-model defaults.
     c.model = unet_config()
 
-    # Conditioning (eDiff-I §3): token embeddings concatenated in `order` for cross-attention; pooled vectors
-    # added to the time embedding; each embedding dropped independently in training with `drop_prob`.
+    # Conditioning (eDiff-I §3): token embeddings concatenated in `order` for cross-attention
+    # ([CLIP-text (77); T5; CLIP-image (1 token)] + the UNet's null token); pooled vectors ("given": the CLIP
+    # projections) added to the time embedding; each embedding dropped independently in training with
+    # `drop_prob` (CLIP-text 0.2, T5 0.25, CLIP-image 0.9).
     c.conditioning = ml_collections.ConfigDict()
-    c.conditioning.order = ("t5",)
+    c.conditioning.order = ("clip_text", "t5", "clip_image")
     c.conditioning.embeddings = ml_collections.ConfigDict()
+    c.conditioning.embeddings.clip_text = ml_collections.ConfigDict(
+        dict(dim=768, pooled="given", pooled_dim=768, drop_prob=0.2))
     c.conditioning.embeddings.t5 = ml_collections.ConfigDict(
-        dict(dim=4096, pooled="mean", pooled_dim=0, drop_prob=0.25))
+        dict(dim=4096, pooled="none", pooled_dim=0, drop_prob=0.25))
+    c.conditioning.embeddings.clip_image = ml_collections.ConfigDict(
+        dict(dim=768, pooled="given", pooled_dim=768, drop_prob=0.9))
 
-    # Frozen text encoder. With no pretrained weights, a randomly initialised T5 v1.1 encoder of this size and
-    # a SentencePiece tokenizer trained on the training captions (both saved in the workdir).
-    c.text = ml_collections.ConfigDict()
-    c.text.tokenizer_dir = ""  # "" = train one into <workdir>/tokenizer on first use
-    c.text.vocab_size = 64  # SentencePiece vocabulary size when training one
-    c.text.max_length = 32
-    c.text.t5 = ml_collections.ConfigDict(dict(
+    # Frozen encoders (see encoders.py). `pretrained_dir`: a local Hugging Face directory (T5: google/t5-v1_1-xxl
+    # layout; CLIP: openai/clip-vit-large-patch14, a CLIPModel with both towers), tokenizer from the same
+    # directory unless `tokenizer_dir` is set. With no pretrained_dir, a random encoder of the size below and a
+    # tokenizer trained on the training captions (vocab_size), both kept in <workdir>/encoders.
+    c.encoders = ml_collections.ConfigDict()
+    c.encoders.t5 = ml_collections.ConfigDict(dict(
+        pretrained_dir="", tokenizer_dir="", vocab_size=64, max_length=128, seed=1234, dtype="float32",
         d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, relative_attention_num_buckets=32,
-        relative_attention_max_distance=128, layer_norm_epsilon=1e-6, dtype="float32", seed=1234))
+        relative_attention_max_distance=128, layer_norm_epsilon=1e-6))
+    c.encoders.clip = ml_collections.ConfigDict(dict(
+        pretrained_dir="", tokenizer_dir="", vocab_size=640, max_length=77, seed=4321, dtype="float32"))
+    c.encoders.clip.text = ml_collections.ConfigDict(dict(
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768))
+    c.encoders.clip.vision = ml_collections.ConfigDict(dict(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=224,
+        patch_size=14, projection_dim=768))
 
     # Data: the synthetic shapes dataset (TFDS array_record, read with grain).
     c.data = ml_collections.ConfigDict()
@@ -44,6 +57,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.num_train = 20000
     c.data.num_val = 512
     c.data.seed = 0
+    # An `ediffi-embed` output directory: train on its precomputed embeddings (the encoders never run in the
+    # train step; the run uses the encoders the data was embedded with). "" = encode captions in the step.
+    c.data.precomputed = ""
 
     # EDM (Karras et al. 2022): σ_data and the training distribution ln σ ~ N(p_mean, p_std²).
     c.edm = ml_collections.ConfigDict(dict(sigma_data=0.5, p_mean=-1.2, p_std=1.2))
@@ -62,25 +78,33 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.eval_every = 0  # 0 = only at the end: sample eval prompts and report the shape-score
     c.train.eval_num = 32
 
-    # Sampler: EDM Heun with optional churn; guidance D = D_uncond + s·(D_cond − D_uncond), s = guidance_scale.
+    # Sampler: EDM Heun with optional churn; guidance D = D_u + s·(D_text − D_u) [+ s_img·(D_text+img − D_text)
+    # when a reference image is given], s = guidance_scale, s_img = image_guidance_scale (sampling.py).
     c.sample = ml_collections.ConfigDict(dict(
         num_steps=32, sigma_min=0.002, sigma_max=80.0, rho=7.0, s_churn=0.0, s_min=0.0, s_max=float("inf"),
-        s_noise=1.0, guidance_scale=3.0))
+        s_noise=1.0, guidance_scale=3.0, image_guidance_scale=3.0))
     return c
 
 
 def tiny_config() -> ml_collections.ConfigDict:
-    """The CPU default (embedded, used by `make demo`): a small UNet on 32×32 shapes, a 2-layer random frozen
-    T5 and a SentencePiece tokenizer trained on the captions; a few minutes of training on 2 CPU cores."""
+    """The CPU default (embedded, used by `make demo`): a small UNet on 32×32 shapes with the full eDiff-I
+    conditioning from small random frozen encoders (2-layer T5 + SentencePiece, 2-layer CLIP text + BPE,
+    2-layer CLIP ViT on the 32² image), tokenizers trained on the captions."""
     c = default_config()
     c.model.update(dict(
         image_size=32, channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
         cross_attn_resolutions=(16, 8), head_dim=32, num_groups=8, dropout=0.0, context_dim=64,
         pooled_dim=64, emb_mult=4))
     c.conditioning.embeddings.t5.dim = 64
-    c.text.max_length = 24
-    c.text.t5.update(dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
-                          relative_attention_num_buckets=16, relative_attention_max_distance=32))
+    c.conditioning.embeddings.clip_text.update(dict(dim=64, pooled_dim=32))
+    c.conditioning.embeddings.clip_image.update(dict(dim=32, pooled_dim=32))
+    c.encoders.t5.update(dict(max_length=24, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                              relative_attention_num_buckets=16, relative_attention_max_distance=32))
+    c.encoders.clip.update(dict(max_length=24))
+    c.encoders.clip.text.update(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, projection_dim=32))
+    c.encoders.clip.vision.update(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, image_size=32, patch_size=8, projection_dim=32))
     c.data.resolution = 32
     c.data.num_train = 20000
     c.data.num_val = 256

@@ -15,6 +15,12 @@ Guidance convention (named `guidance_scale` everywhere in this project):
     D̃ = D_uncond + s·(D_cond − D_uncond)
 so s = 1 is the plain conditional model, s = 0 the unconditional one, s > 1 extrapolates (Imagen / EDM / Rosetta
 convention; diffusers' `cond + w·(cond − uncond)` is s = w + 1).
+
+With several embeddings (eDiff-I: text, and a CLIP image embedding for style), guidance chains nested branches
+B_0 ⊂ B_1 ⊂ … ⊂ B_K of kept embeddings (B_0 = nothing kept):
+    D̃ = D_0 + Σ_k s_k·(D_k − D_{k−1})
+e.g. D_u + s_text·(D_text − D_u) + s_image·(D_text+image − D_text). With all s_k = s this is the single-scale
+rule on the full conditioning.
 """
 
 from __future__ import annotations
@@ -131,3 +137,13 @@ def heun_sample(
 def guided(d_cond: jax.Array, d_uncond: jax.Array, guidance_scale: float | jax.Array) -> jax.Array:
     """D̃ = D_uncond + s·(D_cond − D_uncond) (see the module docstring for the convention)."""
     return d_uncond + guidance_scale * (d_cond - d_uncond)
+
+
+def chained_guidance(ds: list[jax.Array] | tuple[jax.Array, ...], scales: jax.Array) -> jax.Array:
+    """D̃ = D_0 + Σ_k s_k·(D_k − D_{k−1}) for nested branches D_0 (unconditional) … D_K; `scales` [K]."""
+    if len(ds) != scales.shape[0] + 1:
+        raise ValueError(f"{len(ds)} branches need {len(ds) - 1} guidance scales, got {scales.shape[0]}")
+    out = ds[0]
+    for k in range(1, len(ds)):
+        out = out + scales[k - 1] * (ds[k] - ds[k - 1])
+    return out

@@ -23,15 +23,32 @@ from PIL import Image
 from tqdm import tqdm
 
 from ediffi_jax import edm
-from ediffi_jax.encoders import TextEncoders, setup_text_encoders
+from ediffi_jax.encoders import FrozenEncoders, save_encoders, setup_encoders
 from ediffi_jax.models.conditioning import Embedding
-from ediffi_jax.sampling import HeunConfig, guided, heun_sample
+from ediffi_jax.sampling import HeunConfig, chained_guidance, heun_sample
 from ediffi_jax.train.checkpoint import Checkpointer, abstract_like, config_to_dict
 from ediffi_jax.train.step import build_model, init_train_state, make_optimizer, split_model
 
-# Layout of an exported (inference-only) run, beside config.json, tokenizer/ and text_encoder/.
+# Layout of an exported (inference-only) run, beside config.json and encoders/.
+ENCODERS = "encoders"
 EXPORT_PARAMS = "params"
 EXPORT_STEP = "step.txt"
+
+
+TEXT_EMBEDDINGS = ("clip_text", "t5")
+
+
+def guidance_branches(names: Sequence[str]) -> list[tuple[str, ...]]:
+    """Nested keep-sets for guidance: [()] + [text embeddings present] + [all, when an image embedding is
+    present]. The scales are (text, image) in that order (see `sampling.chained_guidance`)."""
+    text = tuple(n for n in names if n in TEXT_EMBEDDINGS)
+    rest = tuple(n for n in names if n not in TEXT_EMBEDDINGS)
+    branches = [()]
+    if text:
+        branches.append(text)
+    if rest:
+        branches.append(text + rest)
+    return branches
 
 
 def guided_denoiser(
@@ -39,22 +56,32 @@ def guided_denoiser(
     embeddings: Mapping[str, Embedding],
     guidance_scale: jax.Array | float,
     sigma_data: float = edm.SIGMA_DATA,
+    image_guidance_scale: jax.Array | float | None = None,
 ):
-    """D̃(x; σ) = D_u + s·(D_c − D_u), both branches in one forward pass of batch 2B.
+    """D̃(x; σ) with per-embedding guidance, every branch in one forward pass of batch K·B.
 
-    The unconditional branch drops every embedding (keep = False), i.e. only the null token is attended.
+    D̃ = D_u + s_text·(D_text − D_u) [+ s_image·(D_text+image − D_text) when an image embedding is given];
+    `image_guidance_scale=None` means the text scale. A branch keeps the listed embeddings and drops the rest
+    (dropped = masked out, only the null token is attended when all are dropped: the unconditional branch).
     """
-    both = jax.tree.map(lambda a: jnp.concatenate([a, a], axis=0), dict(embeddings))
+    branches = guidance_branches(list(embeddings))
+    k_b = len(branches)
+    many = jax.tree.map(lambda a: jnp.concatenate([a] * k_b, axis=0), dict(embeddings))
+    image_scale = guidance_scale if image_guidance_scale is None else image_guidance_scale
+    has_text = any(n in TEXT_EMBEDDINGS for n in embeddings)
+    scales = [guidance_scale] * has_text + [image_scale] * (len(branches) - 1 - has_text)
+    scales = jnp.stack([jnp.asarray(s, jnp.float32) for s in scales])
 
     def denoise(x: jax.Array, sigma: jax.Array) -> jax.Array:
         b = x.shape[0]
-        keep = {n: jnp.arange(2 * b) < b for n in both}
+        branch = jnp.repeat(jnp.arange(k_b), b)
+        keep = {n: jnp.asarray([n in br for br in branches])[branch] for n in many}
 
         def net(x_in: jax.Array, c_noise: jax.Array) -> jax.Array:
-            return model(x_in, c_noise, both, keep)
+            return model(x_in, c_noise, many, keep)
 
-        d = edm.precondition(net, jnp.concatenate([x, x]), jnp.concatenate([sigma, sigma]), sigma_data)
-        return guided(d[:b], d[b:], guidance_scale)
+        d = edm.precondition(net, jnp.concatenate([x] * k_b), jnp.concatenate([sigma] * k_b), sigma_data)
+        return chained_guidance([d[i * b:(i + 1) * b] for i in range(k_b)], scales)
 
     return denoise
 
@@ -76,12 +103,12 @@ def make_sampler(
     sigma_data: float = edm.SIGMA_DATA,
     progress: StepProgress | None = None,
 ):
-    """jit(params, embeddings, noise, key, guidance_scale) → images in [-1, 1] (float32)."""
+    """jit(params, embeddings, noise, key, guidance_scale, image_guidance_scale) → images in [-1, 1] (float32)."""
 
     @jax.jit
-    def sample(params, embeddings, noise, key, guidance_scale):
+    def sample(params, embeddings, noise, key, guidance_scale, image_guidance_scale):
         model = nnx.merge(graphdef, params)
-        den = guided_denoiser(model, embeddings, guidance_scale, sigma_data)
+        den = guided_denoiser(model, embeddings, guidance_scale, sigma_data, image_guidance_scale)
         return heun_sample(den, noise, heun, key if heun.s_churn > 0 else None, progress=progress)
 
     return sample
@@ -111,7 +138,7 @@ class TextToImage:
     """A trained run, ready to sample. Build with `TextToImage.from_workdir(dir)`."""
 
     config: ml_collections.ConfigDict
-    encoders: TextEncoders
+    encoders: FrozenEncoders
     graphdef: nnx.GraphDef
     params: nnx.State
     step: int
@@ -127,7 +154,7 @@ class TextToImage:
         with open(cfg_path) as f:
             stored = json.load(f)
         config = ml_collections.ConfigDict(stored)
-        encoders = setup_text_encoders(config, workdir)
+        encoders = setup_encoders(config, os.path.join(workdir, ENCODERS))
         graphdef, params = split_model(nnx.eval_shape(lambda: build_model(config, config.seed)))
         exported = os.path.join(os.path.abspath(workdir), EXPORT_PARAMS)
         if os.path.isdir(exported):
@@ -145,18 +172,20 @@ class TextToImage:
         return cls(config, encoders, graphdef, state.ema if use_ema else state.params, step)
 
     def export(self, out_dir: str) -> str:
-        """Writes an inference-only copy of this run (config, tokenizer, text encoder, these parameters):
-        no optimizer state, a quarter of a checkpoint's size. `from_workdir(out_dir)` loads it."""
+        """Writes an inference-only copy of this run (config, tokenizers, random encoders, these parameters):
+        no optimizer state, a quarter of a checkpoint's size. `from_workdir(out_dir)` loads it. Pretrained
+        encoders are referenced by their `pretrained_dir`, not copied."""
         if os.path.exists(out_dir) and os.listdir(out_dir):
             raise ValueError(f"export directory {out_dir!r} exists and is not empty; refusing to overwrite it")
         os.makedirs(out_dir, exist_ok=True)
         config = config_to_dict(self.config)
-        config["text"]["tokenizer_dir"] = ""  # the copy in out_dir/tokenizer
+        for enc in config["encoders"].values():
+            if not enc["pretrained_dir"]:
+                enc["tokenizer_dir"] = ""  # the copy in out_dir/encoders/<name>/tokenizer
         with open(os.path.join(out_dir, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
-        self.encoders.tokenizer.save(os.path.join(out_dir, "tokenizer"))
+        save_encoders(self.encoders, self.config, os.path.join(out_dir, ENCODERS))
         with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(os.path.abspath(os.path.join(out_dir, "text_encoder")), self.encoders.params)
             ckptr.save(os.path.abspath(os.path.join(out_dir, EXPORT_PARAMS)), self.params)
         with open(os.path.join(out_dir, EXPORT_STEP), "w") as f:
             f.write(str(self.step))
@@ -168,15 +197,26 @@ class TextToImage:
         *,
         seed: int = 0,
         guidance_scale: float | None = None,
+        images: np.ndarray | None = None,
+        image_guidance_scale: float | None = None,
         heun: HeunConfig | None = None,
         progress: bool = False,
     ) -> np.ndarray:
-        """uint8 images [len(prompts), R, R, 3]; `progress` shows a tqdm bar over the Heun steps."""
+        """uint8 images [len(prompts), R, R, 3]; `progress` shows a tqdm bar over the Heun steps.
+
+        `images` (optional, [len(prompts), H, W, 3], uint8 or [-1, 1]): reference images whose CLIP image
+        embedding conditions the samples (style), guided with `image_guidance_scale`; without them the image
+        embedding is dropped. Scales default to `config.sample.guidance_scale` / `image_guidance_scale`.
+        """
         if not prompts:
             raise ValueError("no prompts given")
         heun = heun or HeunConfig.from_config(self.config.sample)
         s = self.config.sample.guidance_scale if guidance_scale is None else guidance_scale
-        embeddings = self.encoders.encode_prompts(prompts)
+        si = self.config.sample.get("image_guidance_scale", s) if image_guidance_scale is None else image_guidance_scale
+        if images is not None and "clip_image" not in self.encoders.names:
+            raise ValueError(f"this run does not condition on an image embedding (conditioning.order="
+                             f"{self.encoders.names}); images cannot be used")
+        embeddings = self.encoders.encode_prompts(prompts, images)
         r = self.config.model.image_size
         key = jax.random.PRNGKey(seed)
         noise = jax.random.normal(jax.random.fold_in(key, 0), (len(prompts), r, r, self.config.model.out_channels))
@@ -186,7 +226,8 @@ class TextToImage:
         with tqdm(total=heun.num_steps, desc="sample", unit="step", disable=not progress) as bar:
             self._progress.bar = bar
             try:
-                images = sample(self.params, embeddings, noise, jax.random.fold_in(key, 1), jnp.float32(s))
+                images = sample(self.params, embeddings, noise, jax.random.fold_in(key, 1), jnp.float32(s),
+                                jnp.float32(si))
                 images = to_uint8(images)
                 jax.effects_barrier()
             finally:

@@ -114,6 +114,43 @@ def test_full_clipmodel_checkpoint_loads_both_towers(tmp_path_factory):
     )
 
 
+@pytest.mark.parametrize("layout", ["sharded-safetensors", "pytorch_model.bin"])
+def test_other_weight_layouts(tmp_path, layout):
+    """A CLIPModel saved as sharded safetensors (with index) or as a legacy pytorch_model.bin loads identically."""
+    torch.manual_seed(3)
+    cfg = transformers.CLIPConfig(text_config=dict(TEXT_TINY), vision_config=dict(VISION_TINY), projection_dim=24)
+    hf = transformers.CLIPModel(cfg).eval()
+    d = str(tmp_path / layout)
+    if layout == "pytorch_model.bin":
+        hf.save_pretrained(d)
+        os.remove(os.path.join(d, "model.safetensors"))
+        torch.save(hf.state_dict(), os.path.join(d, "pytorch_model.bin"))
+    else:
+        hf.save_pretrained(d, max_shard_size="50KB")
+        assert os.path.isfile(os.path.join(d, "model.safetensors.index.json"))
+        assert len([f for f in os.listdir(d) if f.endswith(".safetensors")]) > 1
+    text, _ = from_pretrained_text(d)
+    vision, _ = from_pretrained_vision(d)
+    ids = torch.from_numpy(np.array([[0, 5, 9, 2, 1, 1]]))
+    pixels = torch.from_numpy(np.random.default_rng(0).normal(size=(1, 3, 32, 32)).astype(np.float32))
+    with torch.no_grad():
+        ref_t = hf.get_text_features(input_ids=ids)
+        ref_v = hf.get_image_features(pixel_values=pixels)
+    ref_t = getattr(ref_t, "pooler_output", ref_t).numpy()
+    ref_v = getattr(ref_v, "pooler_output", ref_v).numpy()
+    _, got_t = text(jnp.asarray(ids.numpy()))
+    _, got_v = vision(jnp.asarray(pixels.numpy().transpose(0, 2, 3, 1)))
+    np.testing.assert_allclose(got_t, ref_t, atol=1e-5)
+    np.testing.assert_allclose(got_v, ref_v, atol=1e-5)
+
+
+def test_dir_without_weights_names_the_files(text_ckpt, tmp_path):
+    shutil.copy(os.path.join(text_ckpt[1], "config.json"), tmp_path / "config.json")
+    with pytest.raises(ValueError, match="model.safetensors") as info:
+        from_pretrained_text(str(tmp_path))
+    assert str(tmp_path) in str(info.value)
+
+
 def test_missing_dir_raises():
     with pytest.raises(ValueError, match="does-not-exist"):
         from_pretrained_text("/tmp/does-not-exist-clip")

@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from ediffi_jax import edm
+from ediffi_jax.data import shapes
 from ediffi_jax.models.conditioning import keep_all
 from ediffi_jax.text_to_image import TextToImage, guided_denoiser
 
@@ -73,3 +74,32 @@ def test_export_round_trip_samples_identically(pipe, tmp_path):
     np.testing.assert_array_equal(loaded.generate(PROMPTS, seed=1), pipe.generate(PROMPTS, seed=1))
     with pytest.raises(ValueError, match="exists and is not empty"):
         pipe.export(out)
+
+
+def test_text_and_image_guidance_chain(pipe):
+    """D̃ = D_u + s_t(D_text − D_u) + s_i(D_text+image − D_text), every branch a plain keep-pattern."""
+    model = nnx.merge(pipe.graphdef, pipe.params)
+    r = pipe.config.model.image_size
+    refs = np.stack([shapes.example(5, i, r)["image"] for i in range(2)])
+    emb = pipe.encoders.encode_prompts(PROMPTS, refs)
+    assert set(emb) == {"clip_text", "t5", "clip_image"}
+    x = jax.random.normal(jax.random.PRNGKey(4), (2, r, r, 3))
+    sigma = jnp.array([0.5, 2.0])
+
+    def plain(kept):
+        keep = {n: jnp.full((2,), n in kept) for n in emb}
+        return edm.precondition(lambda xi, cn: model(xi, cn, emb, keep), x, sigma)
+
+    def g(st, si):
+        return guided_denoiser(model, emb, st, image_guidance_scale=si)(x, sigma)
+
+    np.testing.assert_allclose(g(1.0, 1.0), plain({"clip_text", "t5", "clip_image"}), atol=2e-5)
+    np.testing.assert_allclose(g(0.0, 0.0), plain(set()), atol=2e-5)
+    np.testing.assert_allclose(g(1.0, 0.0), plain({"clip_text", "t5"}), atol=2e-5)
+    np.testing.assert_allclose(g(2.0, 3.0), g(2.0, 0.0) + 3.0 * (g(2.0, 1.0) - g(2.0, 0.0)), atol=5e-5)
+    # Sampling with reference images is deterministic and differs from text-only sampling.
+    a = pipe.generate(PROMPTS, seed=0, images=refs, image_guidance_scale=2.0)
+    np.testing.assert_array_equal(a, pipe.generate(PROMPTS, seed=0, images=refs, image_guidance_scale=2.0))
+    assert np.any(a != pipe.generate(PROMPTS, seed=0))
+    with pytest.raises(ValueError, match=r"images must be \[2, H, W, 3\], got shape \(1, 16, 16, 3\)"):
+        pipe.generate(PROMPTS, images=refs[:1])

@@ -52,19 +52,25 @@ def decode_caption(caption: Any) -> str:
 
 
 def decode_record(record: dict) -> dict[str, Any]:
-    """One source record -> {"image": float32 [H, W, 3] in [-1, 1], "caption": str}."""
+    """One source record -> {"image": float32 [H, W, 3] in [-1, 1], "caption": str, **other fields}.
+
+    Other fields (e.g. precomputed embeddings, see `cli/embed.py`) pass through as NumPy arrays."""
     missing = [k for k in _RESERVED_KEYS if k not in record]
     if missing:
         raise ValueError(f"record is missing keys {missing}; has {sorted(record)}")
     img = decode_image(record["image"]).astype(np.float32) * np.float32(1.0 / 127.5) - np.float32(1.0)
-    return {"image": img, "caption": decode_caption(record["caption"])}
+    out = {k: np.asarray(v) for k, v in record.items() if k not in _RESERVED_KEYS}
+    out.update(image=img, caption=decode_caption(record["caption"]))
+    return out
 
 
 def stack_examples(examples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
-    """Batch decoded examples: images stacked, captions as an object array of Python str."""
+    """Batch decoded examples: arrays stacked, captions as an object array of Python str."""
     captions = np.empty(len(examples), dtype=object)
     captions[:] = [ex["caption"] for ex in examples]
-    return {"image": np.stack([ex["image"] for ex in examples]), "caption": captions}
+    out = {k: np.stack([ex[k] for ex in examples]) for k in examples[0] if k != "caption"}
+    out["caption"] = captions
+    return out
 
 
 def _tokenize_batch(tokenize: Tokenizer) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:

@@ -10,13 +10,13 @@ mesh axes by the caller. Parameter tree (``nnx.state(model, nnx.Param)`` paths):
 
     shared.embedding                       [vocab, d_model]           ("vocab", "embed")
     relative_attention_bias                [num_buckets, num_heads]   ("rel_buckets", None)
-    blocks[i].attn_norm.scale              [d_model]                  ("embed",)
+    blocks[i].attn_norm.scale              [d_model]                  ("norm",)
     blocks[i].attn.{q,k,v}.kernel          [d_model, heads*d_kv]      ("embed", "heads")
     blocks[i].attn.o.kernel                [heads*d_kv, d_model]      ("heads", "embed")
-    blocks[i].ffn_norm.scale               [d_model]                  ("embed",)
+    blocks[i].ffn_norm.scale               [d_model]                  ("norm",)
     blocks[i].ffn.{wi_0,wi_1}.kernel       [d_model, d_ff]            ("embed", "mlp")
     blocks[i].ffn.wo.kernel                [d_ff, d_model]            ("mlp", "embed")
-    final_layer_norm.scale                 [d_model]                  ("embed",)
+    final_layer_norm.scale                 [d_model]                  ("norm",)
 """
 
 from __future__ import annotations
@@ -205,7 +205,7 @@ class T5LayerNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, *, dtype: str = "float32", param_dtype: str = "float32"):
         self.eps = eps
         self.dtype = jnp.dtype(dtype)
-        self.scale = nnx.Param(jnp.ones((dim,), dtype=jnp.dtype(param_dtype)), out_sharding=("embed",))
+        self.scale = nnx.Param(jnp.ones((dim,), dtype=jnp.dtype(param_dtype)), out_sharding=("norm",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Return ``scale * x / sqrt(mean(x**2) + eps)`` in the compute dtype."""

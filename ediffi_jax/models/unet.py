@@ -200,8 +200,8 @@ class _CondMLP(nnx.Module):
     def __init__(self, num_scalars: int, feat_dim: int, emb_dim: int, scale: float, *, rngs: nnx.Rngs):
         self.feat_dim, self.scale = feat_dim, scale
         self.l1 = linear(num_scalars * feat_dim, emb_dim, ("embed", "mlp"), rngs=rngs)
-        # emb → emb: the embedding vector lives on the "mlp" axis; the input side stays replicated.
-        self.l2 = linear(emb_dim, emb_dim, (None, "mlp"), rngs=rngs)
+        # emb → emb: the output lives on the "mlp" axis; the input side is FSDP-sharded like every kernel.
+        self.l2 = linear(emb_dim, emb_dim, ("embed", "mlp"), rngs=rngs)
 
     def __call__(self, s: jax.Array) -> jax.Array:
         """``s``: ``[B, k]`` → ``[B, emb_dim]``."""

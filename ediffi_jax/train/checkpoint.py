@@ -3,7 +3,7 @@
 Layout of a workdir:
     config.json          the full config of the run (written once; a re-run must match its model shape)
     checkpoints/<step>/  state (StandardSave), data (JSON iterator state), config (JSON)
-    tokenizer/, text_encoder/   the frozen text encoders (see encoders.py)
+    encoders/            the frozen encoders and tokenizers, when random (see encoders.py)
     tb/                  TensorBoard event files
 """
 
@@ -21,7 +21,9 @@ from ediffi_jax.train.step import TrainState
 
 # Config subtrees that fix the shapes of what a checkpoint holds: a workdir's checkpoint can only be resumed
 # by a config that agrees on all of them.
-SHAPE_KEYS = ("model", "conditioning.order", "text.max_length", "text.vocab_size", "text.t5")
+SHAPE_KEYS = ("model", "conditioning", "encoders")
+# Fields under SHAPE_KEYS that may change between runs on one workdir (rates, paths to the same weights).
+FREE_FIELDS = ("drop_prob", "pretrained_dir", "tokenizer_dir")
 
 
 def _lookup(d: dict, dotted: str) -> Any:
@@ -47,8 +49,15 @@ def check_compatible(stored: dict, config: ml_collections.ConfigDict, workdir: s
     """Raises one clear line when the workdir holds a run of another model shape."""
     current = config_to_dict(config)
     for key in SHAPE_KEYS:
-        a, b = _flatten(_lookup(stored, key), key), _flatten(_lookup(current, key), key)
+        try:
+            a = _flatten(_lookup(stored, key), key)
+        except (KeyError, TypeError):
+            raise ValueError(f"workdir {workdir!r} holds a run without config.{key} (an older format); "
+                             "use a new --workdir") from None
+        b = _flatten(_lookup(current, key), key)
         for k in sorted(set(a) | set(b)):
+            if k.rsplit(".", 1)[-1] in FREE_FIELDS:
+                continue
             if a.get(k) != b.get(k):
                 raise ValueError(
                     f"workdir {workdir!r} holds a checkpoint of another model: {k}={a.get(k)!r} there, "

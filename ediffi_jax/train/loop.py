@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 import time
 from typing import Any
 
@@ -22,7 +23,7 @@ from tqdm import tqdm
 
 from ediffi_jax.data import pipeline, shapes
 from ediffi_jax.data.shapes_tfds import build_shapes
-from ediffi_jax.encoders import TextEncoders, setup_text_encoders
+from ediffi_jax.encoders import FrozenEncoders, embeddings_from_batch, setup_encoders
 from ediffi_jax.sampling import HeunConfig
 from ediffi_jax.text_to_image import make_sampler, save_grid, to_uint8
 from ediffi_jax.train.checkpoint import Checkpointer, abstract_like, check_compatible, config_to_dict
@@ -38,8 +39,6 @@ from ediffi_jax.train.step import (
 
 log = logging.getLogger(__name__)
 
-# Keys of a data batch that go to the device (captions stay on the host).
-DEVICE_KEYS = ("image", "t5_ids", "t5_mask")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -49,7 +48,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                          f"model.image_size={config.model.image_size}")
     if config.train.batch_size < 1:
         raise ValueError(f"train.batch_size must be >= 1, got {config.train.batch_size}")
-    if config.data.name != "shapes":
+    if config.data.name != "shapes" and not config.data.precomputed:
         raise ValueError(f"data.name={config.data.name!r}: only 'shapes' is available")
     for n in config.conditioning.order:
         p = config.conditioning.embeddings[n].drop_prob
@@ -73,12 +72,44 @@ def _prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
 def load_data(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
     """(train source, validation source or None when data.num_val = 0), random access (TFDS array_record)."""
     d = config.data
+    if d.precomputed:
+        from ediffi_jax.data.embedded import load_embedded
+
+        return load_embedded(d.precomputed, config)
     builder = build_shapes(os.path.expanduser(d.data_dir), d.resolution, d.num_train, d.num_val, d.seed)
     return builder.as_data_source("train"), builder.as_data_source("validation") if d.num_val > 0 else None
 
 
-def _device_batch(batch: dict) -> dict:
-    return {k: batch[k] for k in DEVICE_KEYS}
+def _device_keys(config: ml_collections.ConfigDict, encoders: FrozenEncoders) -> tuple[str, ...]:
+    """Keys of a data batch that go to the device (captions stay on the host)."""
+    if not config.data.precomputed:
+        return ("image",) + tuple(k for k in encoders.batch_keys if k != "image")
+    keys = ["image"]
+    for n in encoders.names:
+        keys += ["clip_image_pooled"] if n == "clip_image" else [f"{n}_tokens", f"{n}_mask"]
+        if n == "clip_text":
+            keys.append("clip_text_pooled")
+    return tuple(keys)
+
+
+def _encoder_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """<workdir>/encoders; with precomputed data, a copy of the encoders the data was embedded with."""
+    enc_dir = os.path.join(workdir, "encoders")
+    src = os.path.join(os.path.expanduser(config.data.precomputed), "encoders") if config.data.precomputed else ""
+    if src and not os.path.isdir(enc_dir) and jax.process_index() == 0:
+        if not os.path.isdir(src):
+            raise ValueError(f"data.precomputed={config.data.precomputed!r} has no encoders/ directory: "
+                             "not an ediffi-embed output")
+        shutil.copytree(src, enc_dir)
+    return enc_dir
+
+
+def _device_batch(batch: dict, keys: tuple[str, ...]) -> dict:
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        raise ValueError(f"data batch lacks {missing} (has {sorted(batch)}); check data.precomputed and "
+                         "conditioning.order")
+    return {k: batch[k] for k in keys}
 
 
 def _caption(record: dict) -> str:
@@ -94,9 +125,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     # ---------------------------------------------------------------- input
     train_src, val_src = load_data(config)
     n_tok = min(len(train_src), 5000)
-    encoders = setup_text_encoders(config, workdir, captions=(_caption(train_src[i]) for i in range(n_tok)))
+    encoders = setup_encoders(config, _encoder_dir(config, workdir),
+                              captions=(_caption(train_src[i]) for i in range(n_tok)))
+    device_keys = _device_keys(config, encoders)
+    if config.data.precomputed:
+        names = encoders.names
+        encode, tokenize = (lambda _, b: embeddings_from_batch(b, names)), None  # noqa: E731
+    else:
+        encode, tokenize = encoders.encode, encoders.tokenize
     train_iter = pipeline.make_train_iterator(
-        train_src, batch_size=config.train.batch_size, seed=config.seed, tokenize=encoders.tokenize,
+        train_src, batch_size=config.train.batch_size, seed=config.seed, tokenize=tokenize,
         shard_index=jax.process_index(), shard_count=jax.process_count())
 
     # ---------------------------------------------------------------- model and optimizer
@@ -123,11 +161,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                  start, config.train.num_steps)
         return {}
     first = next(train_iter)
+    enc_params = {} if config.data.precomputed else encoders.params
     t0 = time.perf_counter()
     step_fn = jax.jit(
-        lambda s, b, e, k: train_step(s, b, e, k, graphdef=graphdef, encode=encoders.encode, tx=tx,
-                                      spec=step_spec(config)),
-        donate_argnums=(0,)).lower(state, _device_batch(first), encoders.params, key).compile()
+        lambda s, b, e, k: train_step(s, b, e, k, graphdef=graphdef, encode=encode, tx=tx, spec=step_spec(config)),
+        donate_argnums=(0,)).lower(state, _device_batch(first, device_keys), enc_params, key).compile()
     log.info("train step compiled in %.1f s", time.perf_counter() - t0)
 
     writer = SummaryWriter(os.path.join(workdir, "tb")) if jax.process_index() == 0 else None
@@ -139,7 +177,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     try:
         for step in range(start, total):
             batch = first if step == start else next(train_iter)
-            state, m = step_fn(state, _device_batch(batch), encoders.params, key)
+            state, m = step_fn(state, _device_batch(batch, device_keys), enc_params, key)
             window = m if window is None else jax.tree.map(jnp.add, window, m)  # stays on device
             n_last += 1
             bar.update(1)
@@ -189,7 +227,7 @@ _eval_sampler = functools.lru_cache(maxsize=4)(make_sampler)
 
 def evaluate(
     config: ml_collections.ConfigDict,
-    encoders: TextEncoders,
+    encoders: FrozenEncoders,
     graphdef: Any,
     state: TrainState,
     val_src: Any,
@@ -204,7 +242,8 @@ def evaluate(
     key = jax.random.PRNGKey(config.seed + 1)
     noise = jax.random.normal(key, (n, r, r, config.model.out_channels))
     sample = _eval_sampler(graphdef, HeunConfig.from_config(config.sample), config.edm.sigma_data)
-    images = to_uint8(sample(state.ema, embeddings, noise, key, jnp.float32(config.sample.guidance_scale)))
+    s = jnp.float32(config.sample.guidance_scale)
+    images = to_uint8(sample(state.ema, embeddings, noise, key, s, s))
     if jax.process_index() == 0:
         save_grid(images, os.path.join(workdir, "samples", f"step_{step:08d}.png"))
     return shapes.score_batch(images, captions)
