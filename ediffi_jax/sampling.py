@@ -26,7 +26,7 @@ rule on the full conditioning.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -81,18 +81,28 @@ def churn_gammas(sigmas: np.ndarray, cfg: HeunConfig) -> np.ndarray:
 
 
 def heun_sample(
-    denoise: Denoiser,
+    denoise: Denoiser | Sequence[Denoiser],
     noise: jax.Array,
     cfg: HeunConfig,
     key: jax.Array | None = None,
     progress: Callable[[jax.Array, jax.Array], None] | None = None,
+    route: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> jax.Array:
     """Runs Algorithm 2 from x_0 = σ_max·noise. Traceable: call it inside `jax.jit`.
 
     `noise` is standard normal of the output shape; `key` drives the churn noise (needed iff S_churn > 0);
     `progress(i, x0)` is called on the host after step i (via `jax.debug.callback`; x0, one element of the
     state, ties the call to the end of the step's compute), e.g. to advance a tqdm bar.
+
+    Ensembles of experts (eDiff-I §4): `denoise` is a sequence of K denoisers and `route(σ) -> index` (host,
+    NumPy) says which one owns each noise level. The schedule is known at trace time, so it is cut into
+    contiguous segments of steps whose two evaluations (at σ̂_i and σ_{i+1}) use the same pair of experts; each
+    segment is one `fori_loop` calling only its experts — no per-step parameter gather, the cost of one model
+    per evaluation. A step whose evaluations fall in different experts uses each evaluation's own expert.
     """
+    denoisers = list(denoise) if isinstance(denoise, Sequence) else [denoise]
+    if len(denoisers) > 1 and route is None:
+        raise ValueError(f"{len(denoisers)} denoisers need a route(sigma) -> index function")
     sigmas_np = karras_sigmas(cfg.num_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho)
     gammas_np = churn_gammas(sigmas_np, cfg)
     if np.any(gammas_np > 0) and key is None:
@@ -101,9 +111,17 @@ def heun_sample(
     gammas = jnp.asarray(gammas_np, jnp.float32)
     batch = noise.shape[0]
     x = noise.astype(jnp.float32) * sigmas[0]
+    n = cfg.num_steps
+    # Which expert evaluates each step: first at σ̂_i (float32, as the trace computes it), then at σ_{i+1}.
+    sig32 = sigmas_np.astype(np.float32)
+    hats = sig32[:-1] * (np.float32(1.0) + gammas_np.astype(np.float32))
+    first = np.zeros(n, np.int64) if route is None else np.asarray(route(hats), np.int64)
+    second = np.zeros(n, np.int64) if route is None else np.asarray(route(sig32[1:]), np.int64)
+    if first.min() < 0 or max(first.max(), second[:-1].max(initial=0)) >= len(denoisers):
+        raise ValueError(f"route() returned expert indices outside [0, {len(denoisers)})")
 
-    def d_of(x: jax.Array, sigma: jax.Array) -> jax.Array:
-        return (x - denoise(x, jnp.full((batch,), sigma))) / sigma
+    def d_of(den: Denoiser, x: jax.Array, sigma: jax.Array) -> jax.Array:
+        return (x - den(x, jnp.full((batch,), sigma))) / sigma
 
     def churn(i: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         sigma = sigmas[i]
@@ -113,22 +131,32 @@ def heun_sample(
         eps = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
         return x + jnp.sqrt(jnp.maximum(sigma_hat**2 - sigma**2, 0.0)) * cfg.s_noise * eps, sigma_hat
 
-    def heun_step(i: jax.Array, x: jax.Array) -> jax.Array:
-        x_hat, sigma_hat = churn(i, x)
-        sigma_next = sigmas[i + 1]
-        d = d_of(x_hat, sigma_hat)
-        x_next = x_hat + (sigma_next - sigma_hat) * d
-        d_prime = d_of(x_next, sigma_next)
-        x_next = x_hat + (sigma_next - sigma_hat) * 0.5 * (d + d_prime)
-        if progress is not None:
-            jax.debug.callback(progress, i, x_next.ravel()[0])
-        return x_next
+    def heun_step(den1: Denoiser, den2: Denoiser) -> Callable[[jax.Array, jax.Array], jax.Array]:
+        def step(i: jax.Array, x: jax.Array) -> jax.Array:
+            x_hat, sigma_hat = churn(i, x)
+            sigma_next = sigmas[i + 1]
+            d = d_of(den1, x_hat, sigma_hat)
+            x_next = x_hat + (sigma_next - sigma_hat) * d
+            d_prime = d_of(den2, x_next, sigma_next)
+            x_next = x_hat + (sigma_next - sigma_hat) * 0.5 * (d + d_prime)
+            if progress is not None:
+                jax.debug.callback(progress, i, x_next.ravel()[0])
+            return x_next
 
-    n = cfg.num_steps
-    x = jax.lax.fori_loop(0, n - 1, heun_step, x)
+        return step
+
+    start = 0
+    for stop in range(1, n):  # segments of the N − 1 Heun steps with one (first, second) expert pair
+        if stop == n - 1 or (first[stop], second[stop]) != (first[start], second[start]):
+            step = heun_step(denoisers[first[start]], denoisers[second[start]])
+            # Opaque bounds: XLA must not unroll or constant-fold a segment by its length, so every step
+            # computes bit for bit the same whatever the segmentation (ensemble == single model).
+            lo, hi = jax.lax.optimization_barrier((jnp.int32(start), jnp.int32(stop)))
+            x = jax.lax.fori_loop(lo, hi, step, x)
+            start = stop
     # Final step to σ_N = 0: Euler, i.e. x_N = D(x̂; σ̂).
     x_hat, sigma_hat = churn(jnp.int32(n - 1), x)
-    x = x_hat + (sigmas[n] - sigma_hat) * d_of(x_hat, sigma_hat)
+    x = x_hat + (sigmas[n] - sigma_hat) * d_of(denoisers[first[n - 1]], x_hat, sigma_hat)
     if progress is not None:
         jax.debug.callback(progress, jnp.int32(n - 1), x.ravel()[0])
     return x
