@@ -36,6 +36,7 @@ setup(
             "ediffi-train=ediffi_jax.cli.train:main",
             "ediffi-sample=ediffi_jax.cli.sample:main",
             "ediffi-export=ediffi_jax.cli.export:main",
+            "ediffi-embed=ediffi_jax.cli.embed:main",
         ]
     },
 )

@@ -179,16 +179,29 @@ def _restore_or_save(path: str, make: Any, what: str) -> tuple[nnx.GraphDef, nnx
     return graphdef, params
 
 
-def _tokenizer(cfg: ml_collections.ConfigDict, default_dir: str, captions: list[str] | None, train: Any,
+class _Captions:
+    """The training captions, read (once) only when a tokenizer has to be trained."""
+
+    def __init__(self, captions: Iterable[str] | None):
+        self._source, self._list = captions, None
+
+    def get(self) -> list[str] | None:
+        if self._list is None and self._source is not None:
+            self._list = list(self._source)
+        return self._list
+
+
+def _tokenizer(cfg: ml_collections.ConfigDict, default_dir: str, captions: _Captions, train: Any,
                what: str) -> TextTokenizer:
     tok_dir = cfg.tokenizer_dir or cfg.pretrained_dir or default_dir
     if not os.path.isdir(tok_dir):
         if cfg.tokenizer_dir or cfg.pretrained_dir:
             raise ValueError(f"{what} tokenizer directory {tok_dir!r} does not exist")
-        if not captions:
+        texts = captions.get()
+        if not texts:
             raise ValueError(f"no {what} tokenizer in {default_dir!r} and no captions were given to train one")
         if jax.process_index() == 0:
-            train(captions, tok_dir, vocab_size=cfg.vocab_size)
+            train(texts, tok_dir, vocab_size=cfg.vocab_size)
     return load_tokenizer(tok_dir, max_length=cfg.max_length)
 
 
@@ -211,7 +224,7 @@ def setup_encoders(
     unknown = [n for n in names if n not in EMBEDDINGS]
     if unknown:
         raise ValueError(f"conditioning.order names {unknown[0]!r}; the encoders provide {EMBEDDINGS}")
-    caps = None if captions is None else list(captions)
+    caps = _Captions(captions)
     tokenizers, graphdefs, params = {}, {}, {}
     image_size = 0
     if "t5" in names:

@@ -75,7 +75,8 @@ def load_data(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
     if d.precomputed:
         from ediffi_jax.data.embedded import load_embedded
 
-        return load_embedded(d.precomputed, config)
+        train_src, val_src = load_embedded(d.precomputed, config)
+        return train_src, val_src if d.num_val > 0 else None
     builder = build_shapes(os.path.expanduser(d.data_dir), d.resolution, d.num_train, d.num_val, d.seed)
     return builder.as_data_source("train"), builder.as_data_source("validation") if d.num_val > 0 else None
 
