@@ -37,6 +37,7 @@ setup(
             "ediffi-sample=ediffi_jax.cli.sample:main",
             "ediffi-export=ediffi_jax.cli.export:main",
             "ediffi-embed=ediffi_jax.cli.embed:main",
+            "ediffi-expert-tree=ediffi_jax.cli.expert_tree:main",
         ]
     },
 )

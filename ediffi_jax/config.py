@@ -69,6 +69,12 @@ def default_config() -> ml_collections.ConfigDict:
         lr=1e-4, warmup_steps=1000, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0,
         ema_decay=0.9999))
 
+    # Ensemble of expert denoisers (eDiff-I §4, experts.py). `layout`: a preset ("A" = one model, "2", "3-paper")
+    # or comma-separated leaf paths ("0,10,11"); `node`: the tree node this run trains ("" = the root, all σ);
+    # `parent`: the workdir of the run it starts from (needed when node != ""), whose EMA (`init`="ema") or raw
+    # ("params") parameters initialise a fresh optimizer; the parent's files are only read.
+    c.expert = ml_collections.ConfigDict(dict(layout="A", node="", parent="", init="ema"))
+
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 2048
     c.train.num_steps = 1_000_000

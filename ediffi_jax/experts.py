@@ -314,3 +314,17 @@ class ExpertTree:
         nodes = tuple(ExpertNode(str(n["path"]), float(n["lo"]), math.inf if n["hi"] is None else float(n["hi"]))
                       for n in d["nodes"])
         return cls(LogNormalSigma(float(d["p_mean"]), float(d["p_std"])), nodes, tuple(d["leaves"]))
+
+
+def tree_from_config(config: Any) -> ExpertTree:
+    """The expert tree of a run: `config.expert.layout` (a PRESETS name or comma-separated leaf specs) over the
+    training distribution ln σ ~ N(config.edm.p_mean, config.edm.p_std²)."""
+    dist = LogNormalSigma(float(config.edm.p_mean), float(config.edm.p_std))
+    layout = str(config.expert.layout)
+    if layout in PRESETS:
+        return ExpertTree.preset(layout, dist)
+    try:
+        return ExpertTree.from_paths(dist, [p.strip() for p in layout.split(",")])
+    except ValueError as e:
+        raise ValueError(f"expert.layout={layout!r} is neither a preset {sorted(PRESETS)} nor a valid list of "
+                         f"leaf paths like '0,10,11': {e}") from None

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from ediffi_jax import edm
 from ediffi_jax.encoders import FrozenEncoders, save_encoders, setup_encoders
+from ediffi_jax.experts import ExpertTree
 from ediffi_jax.models.conditioning import Embedding
 from ediffi_jax.sampling import HeunConfig, chained_guidance, heun_sample
 from ediffi_jax.train.checkpoint import Checkpointer, abstract_like, config_to_dict
@@ -102,14 +103,21 @@ def make_sampler(
     heun: HeunConfig,
     sigma_data: float = edm.SIGMA_DATA,
     progress: StepProgress | None = None,
+    tree: ExpertTree | None = None,
 ):
-    """jit(params, embeddings, noise, key, guidance_scale, image_guidance_scale) → images in [-1, 1] (float32)."""
+    """jit(params, embeddings, noise, key, guidance_scale, image_guidance_scale) → images in [-1, 1] (float32).
+
+    With an expert `tree`, `params` is a sequence of one parameter state per leaf (all sharing `graphdef`); each
+    Heun evaluation runs only the expert owning its σ (`sampling.heun_sample`), one compile per shape.
+    """
 
     @jax.jit
     def sample(params, embeddings, noise, key, guidance_scale, image_guidance_scale):
-        model = nnx.merge(graphdef, params)
-        den = guided_denoiser(model, embeddings, guidance_scale, sigma_data, image_guidance_scale)
-        return heun_sample(den, noise, heun, key if heun.s_churn > 0 else None, progress=progress)
+        leaves = list(params) if tree is not None else [params]
+        dens = [guided_denoiser(nnx.merge(graphdef, p), embeddings, guidance_scale, sigma_data, image_guidance_scale)
+                for p in leaves]
+        route = tree.route_host if tree is not None and len(leaves) > 1 else None
+        return heun_sample(dens, noise, heun, key if heun.s_churn > 0 else None, progress=progress, route=route)
 
     return sample
 
@@ -142,12 +150,19 @@ class TextToImage:
     graphdef: nnx.GraphDef
     params: nnx.State
     step: int
+    tree: ExpertTree | None = None  # an ensemble of experts (see ensemble.py): one state per leaf in `experts`
+    experts: tuple[nnx.State, ...] = ()
     _samplers: dict = dataclasses.field(default_factory=dict, repr=False)
     _progress: StepProgress = dataclasses.field(default_factory=StepProgress, repr=False)
 
     @classmethod
     def from_workdir(cls, workdir: str, *, use_ema: bool = True, step: int | None = None) -> TextToImage:
-        """Loads a training run (`checkpoints/`) or an exported one (`params/`, see `export`)."""
+        """Loads a training run (`checkpoints/`), an exported one (`params/`, see `export`) or an ensemble of
+        experts (`ensemble.json`, see `ensemble.py`)."""
+        if os.path.isfile(os.path.join(workdir, "ensemble.json")):
+            from ediffi_jax.ensemble import load_ensemble
+
+            return load_ensemble(workdir)
         cfg_path = os.path.join(workdir, "config.json")
         if not os.path.isfile(cfg_path):
             raise ValueError(f"workdir {workdir!r} has no config.json: not an ediffi-train run")
@@ -164,7 +179,7 @@ class TextToImage:
                 return cls(config, encoders, graphdef, params, int(f.read()))
         tx = make_optimizer(config.optim)
         abstract = jax.eval_shape(lambda p: init_train_state(p, tx), params)
-        ckpt = Checkpointer(workdir)
+        ckpt = Checkpointer(workdir, read_only=True)
         try:
             state, _, step = ckpt.restore(abstract_like(abstract), step)
         finally:
@@ -175,6 +190,11 @@ class TextToImage:
         """Writes an inference-only copy of this run (config, tokenizers, random encoders, these parameters):
         no optimizer state, a quarter of a checkpoint's size. `from_workdir(out_dir)` loads it. Pretrained
         encoders are referenced by their `pretrained_dir`, not copied."""
+        if self.tree is not None and len(self.experts) > 1:
+            from ediffi_jax.ensemble import save_ensemble
+
+            return save_ensemble(out_dir, self.config, self.encoders, self.tree, self.experts,
+                                 [self.step] * len(self.experts), ["export"] * len(self.experts))
         if os.path.exists(out_dir) and os.listdir(out_dir):
             raise ValueError(f"export directory {out_dir!r} exists and is not empty; refusing to overwrite it")
         os.makedirs(out_dir, exist_ok=True)
@@ -221,12 +241,14 @@ class TextToImage:
         key = jax.random.PRNGKey(seed)
         noise = jax.random.normal(jax.random.fold_in(key, 0), (len(prompts), r, r, self.config.model.out_channels))
         if heun not in self._samplers:  # one compile per sampler config (and shape)
-            self._samplers[heun] = make_sampler(self.graphdef, heun, self.config.edm.sigma_data, self._progress)
+            self._samplers[heun] = make_sampler(self.graphdef, heun, self.config.edm.sigma_data, self._progress,
+                                                self.tree)
         sample = self._samplers[heun]
+        params = tuple(self.experts) if self.tree is not None else self.params
         with tqdm(total=heun.num_steps, desc="sample", unit="step", disable=not progress) as bar:
             self._progress.bar = bar
             try:
-                images = sample(self.params, embeddings, noise, jax.random.fold_in(key, 1), jnp.float32(s),
+                images = sample(params, embeddings, noise, jax.random.fold_in(key, 1), jnp.float32(s),
                                 jnp.float32(si))
                 images = to_uint8(images)
                 jax.effects_barrier()

@@ -67,11 +67,12 @@ def check_compatible(stored: dict, config: ml_collections.ConfigDict, workdir: s
 class Checkpointer:
     """Thin wrapper over `ocp.CheckpointManager` with the items of a training run."""
 
-    def __init__(self, workdir: str, *, max_to_keep: int = 3, save_interval_steps: int = 1):
+    def __init__(self, workdir: str, *, max_to_keep: int = 3, save_interval_steps: int = 1, read_only: bool = False):
+        """`read_only`: open another run's checkpoints (e.g. an expert's parent) without ever writing there."""
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, save_interval_steps=save_interval_steps, create=True,
-            enable_async_checkpointing=True)
+            max_to_keep=None if read_only else max_to_keep, save_interval_steps=save_interval_steps,
+            create=not read_only, read_only=read_only, enable_async_checkpointing=not read_only)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "data", "config"))
 

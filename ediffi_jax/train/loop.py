@@ -27,6 +27,7 @@ from ediffi_jax.encoders import FrozenEncoders, embeddings_from_batch, setup_enc
 from ediffi_jax.sampling import HeunConfig
 from ediffi_jax.text_to_image import make_sampler, save_grid, to_uint8
 from ediffi_jax.train.checkpoint import Checkpointer, abstract_like, check_compatible, config_to_dict
+from ediffi_jax.train.expert_init import check_parent, copy_parent_encoders, expert_sigma_dist, params_from_parent
 from ediffi_jax.train.step import (
     TrainState,
     build_model,
@@ -59,13 +60,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def _prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "config.json")
+    current = config_to_dict(config)
     if os.path.exists(path):
         with open(path) as f:
-            check_compatible(json.load(f), config, workdir)
+            stored = json.load(f)
+        check_compatible(stored, config, workdir)
+        if stored == current:
+            return
     if jax.process_index() == 0:
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
-            json.dump(config_to_dict(config), f, indent=2)
+            json.dump(current, f, indent=2)
         os.replace(tmp, path)
 
 
@@ -121,7 +126,11 @@ def _caption(record: dict) -> str:
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains (or resumes) the run in `workdir`; returns the final metrics (loss, shape-score)."""
     validate(config)
+    tree, sigma_dist = expert_sigma_dist(config)
+    parent = check_parent(config, tree) if config.expert.node else ""
     _prepare_workdir(config, workdir)
+    if parent:
+        copy_parent_encoders(parent, os.path.join(workdir, "encoders"))
 
     # ---------------------------------------------------------------- input
     train_src, val_src = load_data(config)
@@ -141,13 +150,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     # ---------------------------------------------------------------- model and optimizer
     graphdef, params = split_model(build_model(config, config.seed))
     tx = make_optimizer(config.optim)
-    state = init_train_state(params, tx)
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
     log.info("denoiser parameters: %s", f"{n_params:,}")
 
     # ---------------------------------------------------------------- checkpoint / resume
     ckpt = Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
     start = 0
+    if parent and ckpt.latest_step() is None:
+        params = params_from_parent(config, parent, params)  # fresh optimizer, step 0
+    state = init_train_state(params, tx)
     if ckpt.latest_step() is not None:
         state, data_state, start = ckpt.restore(abstract_like(state))
         if data_state:
@@ -164,8 +175,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     first = next(train_iter)
     enc_params = {} if config.data.precomputed else encoders.params
     t0 = time.perf_counter()
+    spec = step_spec(config, sigma_dist)
     step_fn = jax.jit(
-        lambda s, b, e, k: train_step(s, b, e, k, graphdef=graphdef, encode=encode, tx=tx, spec=step_spec(config)),
+        lambda s, b, e, k: train_step(s, b, e, k, graphdef=graphdef, encode=encode, tx=tx, spec=spec),
         donate_argnums=(0,)).lower(state, _device_batch(first, device_keys), enc_params, key).compile()
     log.info("train step compiled in %.1f s", time.perf_counter() - t0)
 
@@ -179,13 +191,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         for step in range(start, total):
             batch = first if step == start else next(train_iter)
             state, m = step_fn(state, _device_batch(batch, device_keys), enc_params, key)
-            window = m if window is None else jax.tree.map(jnp.add, window, m)  # stays on device
+            window = m if window is None else _accumulate(window, m)  # stays on device
             n_last += 1
             bar.update(1)
             done = step + 1
             if done % config.train.log_every == 0 or done == total:
                 # Means over the steps since the last log line (not one noisy step).
-                metrics = {k: float(v) / n_last for k, v in jax.device_get(window).items()}
+                metrics = {k: float(v) / (1 if k in _EXTREMES else n_last) for k, v in jax.device_get(window).items()}
                 dt = time.perf_counter() - t_last
                 metrics["images_per_s"] = n_last * config.train.batch_size / dt
                 metrics["s_per_step"] = dt / n_last
@@ -212,6 +224,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     if writer:
         writer.close()
     return metrics
+
+
+_EXTREMES = {"sigma_min": jnp.minimum, "sigma_max": jnp.maximum}  # window min / max; the rest are means
+
+
+def _accumulate(window: dict, m: dict) -> dict:
+    return {k: _EXTREMES.get(k, jnp.add)(window[k], v) for k, v in m.items()}
 
 
 def _log_eval(result: dict[str, float], writer: SummaryWriter | None, step: int) -> dict[str, float]:

@@ -124,6 +124,9 @@ def train_step(
         # Unweighted reconstruction error is easier to read across σ: split at σ_data.
         "loss_low_sigma": _masked_mean(per_example, sigma < spec.sigma_data),
         "loss_high_sigma": _masked_mean(per_example, sigma >= spec.sigma_data),
+        # The σ actually drawn (experts: inside their interval); aggregated as min / max, not means.
+        "sigma_min": jnp.min(sigma),
+        "sigma_max": jnp.max(sigma),
     }
     return TrainState(step=state.step + 1, params=params, ema=ema, opt_state=opt_state), metrics
 
