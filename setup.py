@@ -38,6 +38,7 @@ setup(
             "ediffi-export=ediffi_jax.cli.export:main",
             "ediffi-embed=ediffi_jax.cli.embed:main",
             "ediffi-expert-tree=ediffi_jax.cli.expert_tree:main",
+            "ediffi-plan=ediffi_jax.cli.plan:main",
         ]
     },
 )

@@ -89,6 +89,17 @@ def default_config() -> ml_collections.ConfigDict:
     c.sample = ml_collections.ConfigDict(dict(
         num_steps=32, sigma_min=0.002, sigma_max=80.0, rho=7.0, s_churn=0.0, s_min=0.0, s_max=float("inf"),
         s_noise=1.0, guidance_scale=3.0, image_guidance_scale=3.0))
+
+    # Device mesh of the train step (train/sharding.py): axes ("data", "fsdp", "tensor"); -1 fills the remaining
+    # devices (at most one). The batch is split over data x fsdp; parameters, EMA and optimizer state over fsdp
+    # (and tensor) by the logical-axis rules of ediffi_jax/sharding.py. `dcn_*`: factors across slices (TPU
+    # multi-slice; processes where devices have no slice_index); an axis' size is then ICI size x DCN factor.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
+
+    # Multi-host runs: with `initialize`, ediffi-train calls jax.distributed.initialize before touching devices;
+    # unset fields ("", 0, -1) are left to JAX's auto-detection (TPU VMs, SLURM). See launch/.
+    c.distributed = ml_collections.ConfigDict(dict(
+        initialize=False, coordinator_address="", num_processes=0, process_id=-1))
     return c
 
 

@@ -162,20 +162,31 @@ def embeddings_from_batch(batch: Mapping[str, jax.Array], names: Sequence[str]) 
 # ---------------------------------------------------------------- preparing the encoders of a run
 
 
+def _local_checkpointer() -> ocp.StandardCheckpointer:
+    """A checkpointer of this process alone: in a multi-process run the encoder files are written by process 0
+    only and read by each process on its own (no cross-process barrier inside Orbax)."""
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(
+        multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}))
+
+
 def _restore_or_save(path: str, make: Any, what: str) -> tuple[nnx.GraphDef, nnx.State]:
-    """Random-init encoder parameters, saved at `path` the first time and restored from it afterwards."""
+    """Random-init encoder parameters, saved at `path` the first time and restored from it afterwards (onto this
+    process's first device; the train loop shards them)."""
     graphdef, abstract = nnx.split(nnx.eval_shape(make))
     path = os.path.abspath(path)
     if os.path.isdir(path):
-        with ocp.StandardCheckpointer() as ckptr:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+        with _local_checkpointer() as ckptr:
             try:
-                return graphdef, ckptr.restore(path, abstract)
+                return graphdef, ckptr.restore(path, target)
             except (ValueError, KeyError) as e:
                 raise ValueError(f"{what} in {path} does not match the config: {e}") from None
     params = nnx.state(make())
     if jax.process_index() == 0:
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(path, params)
+        with _local_checkpointer() as ckptr:
+            ckptr.save(path, jax.device_get(params))  # host arrays: Orbax refuses process-local jax.Arrays
     return graphdef, params
 
 

@@ -42,10 +42,12 @@ def test_documented_command_reproduces_the_committed_structure(asset, tmp_path, 
     assert jax.tree.structure(fresh.params) == jax.tree.structure(asset.params)
     for a, b in zip(jax.tree.leaves(fresh.params), jax.tree.leaves(asset.params)):
         assert a.shape == b.shape and a.dtype == b.dtype
-    # The frozen text side is reproduced exactly: same SentencePiece model, same random T5.
-    with open(os.path.join(out, "tokenizer", "tokenizer.json"), "rb") as f1, \
-            open(os.path.join(ASSET, "tokenizer", "tokenizer.json"), "rb") as f2:
-        assert f1.read() == f2.read()
+    # The frozen side is reproduced exactly: same SentencePiece and CLIP BPE tokenizers, same random encoders.
+    for tok in ("t5", "clip"):
+        with open(os.path.join(out, "encoders", tok, "tokenizer", "tokenizer.json"), "rb") as f1, \
+                open(os.path.join(ASSET, "encoders", tok, "tokenizer", "tokenizer.json"), "rb") as f2:
+            assert f1.read() == f2.read(), tok
+    assert fresh.encoders.names == asset.encoders.names == ("clip_text", "t5", "clip_image")
     for a, b in zip(jax.tree.leaves(fresh.encoders.params), jax.tree.leaves(asset.encoders.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert fresh_config["model"] == asset_config["model"]

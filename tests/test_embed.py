@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from conftest import micro_config
 
-from ediffi_jax.cli.embed import embed
 from ediffi_jax.data.embedded import MANIFEST, flatten_embeddings, load_embedded
 from ediffi_jax.data.pipeline import decode_caption, decode_image
 from ediffi_jax.encoders import setup_encoders
+from ediffi_jax.precompute import embed
 from ediffi_jax.train.events import read_scalars
 from ediffi_jax.train.loop import load_data, train
 

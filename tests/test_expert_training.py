@@ -10,12 +10,12 @@ import pytest
 from conftest import micro_config
 from flax import nnx
 
-from ediffi_jax.cli.expert_tree import train_expert_tree
 from ediffi_jax.ensemble import assemble_ensemble, load_ensemble, save_ensemble
 from ediffi_jax.sampling import HeunConfig, heun_sample
 from ediffi_jax.text_to_image import guided_denoiser, make_sampler
 from ediffi_jax.train.events import read_scalars
 from ediffi_jax.train.expert_init import params_from_parent
+from ediffi_jax.train.expert_tree import train_expert_tree
 from ediffi_jax.train.loop import train
 
 PROMPTS = ["a red circle on the left", "a blue square at the top"]

@@ -21,7 +21,7 @@ LAUNCH = REPO / "launch"
 TPU_POD, MULTISLICE, SLURM = LAUNCH / "tpu_pod.sh", LAUNCH / "multislice.sh", LAUNCH / "slurm_gpu.sh"
 NEW_SCRIPTS = (TPU_POD, MULTISLICE, SLURM)
 JAX_PIN = re.search(r'"jax==([^"]+)"', (REPO / "setup.py").read_text()).group(1)
-WORKDIR = "gs://bucket/runs/my run"  # a space: the workdir must arrive as one word
+WORKDIR = "/mnt/gcs/runs/my run"  # a space: the workdir must arrive as one word
 TRICKY = "--config.data.name=it's \"q\" $HOME"  # quotes and a $ must arrive untouched
 
 # Records its argv as one JSON line in $STUB_LOG. With $STUB_WORKER_HOME set, `gcloud ... scp SRC NAME:DEST` copies

@@ -11,46 +11,19 @@ finished nodes are no-ops, an interrupted node continues from its last checkpoin
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import flags
 from ml_collections import config_flags
 
 from ediffi_jax.cli.common import quiet_logs, run_main
+from ediffi_jax.train.expert_tree import train_expert_tree
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file (get_config()).",
                                           lock_config=True)
 _ROOT = flags.DEFINE_string("root_dir", None, "Directory holding one workdir per node and the ensemble.")
 _CHILD_STEPS = flags.DEFINE_integer("child_steps", None,
                                     "Training steps of every non-root node (default: config.train.num_steps).")
-
-
-def train_expert_tree(config, root_dir: str, child_steps: int | None = None) -> str:
-    """Trains every node the layout needs (resuming), assembles ROOT_DIR/ensemble; returns its path."""
-    from ediffi_jax.ensemble import ENSEMBLE_JSON, assemble_ensemble
-    from ediffi_jax.experts import tree_from_config
-    from ediffi_jax.train.loop import train
-
-    tree = tree_from_config(config)
-    if child_steps is not None and child_steps < 1:
-        raise ValueError(f"--child_steps must be >= 1, got {child_steps}")
-    order = [""] + [p for p in tree.training_order() if p != ""]
-    dirs = {p: os.path.join(root_dir, p or "root") for p in order}
-    for path in order:
-        c = config.copy_and_resolve_references()
-        with c.unlocked():
-            c.expert.node = path
-            c.expert.parent = dirs[tree.init_from(path)] if path else ""
-            if path and child_steps is not None:
-                c.train.num_steps = child_steps
-        print(f"expert-tree: node {path or 'root'!r} σ∈{tree.interval(path)} → {dirs[path]}", flush=True)
-        train(c, dirs[path])
-    out = os.path.join(root_dir, "ensemble")
-    if os.path.isfile(os.path.join(out, ENSEMBLE_JSON)):
-        print(f"expert-tree: {out} already assembled")
-        return out
-    return assemble_ensemble(out, {p: dirs[p] for p in tree.leaf_paths})
 
 
 def _main(argv: list[str]) -> None:

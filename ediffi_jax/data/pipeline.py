@@ -96,10 +96,17 @@ def make_dataset(
     shard_count: int = 1,
     num_epochs: int | None = None,
     drop_remainder: bool = True,
+    split_batches: bool = False,
 ) -> grain.MapDataset:
     """The batched grain ``MapDataset``: shard -> shuffle (reseeded every epoch) -> repeat -> decode -> batch.
 
     ``seed=None`` disables shuffling. ``num_epochs=None`` repeats forever.
+
+    Sharding: by default shard ``i`` owns the records ``i::shard_count`` and shuffles them on its own. With
+    ``split_batches=True`` every shard walks the same shuffled order in global batches of
+    ``batch_size * shard_count`` records and reads (and decodes) only its own block ``i`` of ``batch_size`` of
+    each, so the sequence of global batches is the same for any ``shard_count`` (1 host or 64 see the same
+    examples at each step) and with ``shard_count=1`` it equals the default, iterator state included.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -107,9 +114,17 @@ def make_dataset(
         raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index=} {shard_count=}")
     if num_epochs is not None and num_epochs < 1:
         raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")
-    ds = grain.MapDataset.source(source)
-    if shard_count > 1:
-        ds = ds[shard_index::shard_count]
+    if split_batches:
+        if not drop_remainder:
+            raise ValueError("split_batches needs drop_remainder=True (every shard reads a full block)")
+        if len(source) < batch_size * shard_count:
+            raise ValueError(f"a source of {len(source)} records holds no global batch of "
+                             f"{batch_size} x {shard_count} shards")
+        ds = grain.MapDataset.range(len(source))  # record indices; records are read after the split
+    else:
+        ds = grain.MapDataset.source(source)
+        if shard_count > 1:
+            ds = ds[shard_index::shard_count]
     if len(ds) == 0:
         raise ValueError(f"shard {shard_index}/{shard_count} of a source of {len(source)} records is empty")
     if seed is not None:
@@ -118,7 +133,14 @@ def make_dataset(
         ds = ds.shuffle(seed=seed)  # ShuffleMapDataset reshuffles each epoch (epoch-dependent seed)
     if num_epochs != 1:
         ds = ds.repeat(num_epochs)
-    ds = ds.map(decode_record).batch(batch_size, drop_remainder=drop_remainder, batch_fn=stack_examples)
+    if split_batches:
+        global_batch = batch_size * shard_count
+        if num_epochs is not None:
+            ds = ds[: len(ds) // global_batch * global_batch]  # whole global batches only
+        ds = ds.batch(batch_size, drop_remainder=True)[shard_index::shard_count]
+        ds = ds.map(lambda idx: stack_examples([decode_record(source[int(i)]) for i in idx]))
+    else:
+        ds = ds.map(decode_record).batch(batch_size, drop_remainder=drop_remainder, batch_fn=stack_examples)
     if tokenize is not None:
         ds = ds.map(_tokenize_batch(tokenize))
     return ds
@@ -135,8 +157,10 @@ def make_train_iterator(
     num_epochs: int | None = None,
     num_threads: int = 4,
     prefetch_batches: int = 8,
+    split_batches: bool = False,
 ) -> grain.DatasetIterator:
-    """Checkpointable training iterator over this process's shard (every shard_count-th record).
+    """Checkpointable training iterator over this process's shard (every shard_count-th record, or with
+    ``split_batches`` its block of every global batch: see `make_dataset`).
 
     ``it.get_state()`` is a JSON-serialisable dict; ``it.set_state(state)`` on a fresh iterator built
     with the same arguments resumes exactly. Batches: see the module docstring.
@@ -149,6 +173,7 @@ def make_train_iterator(
         shard_index=shard_index,
         shard_count=shard_count,
         num_epochs=num_epochs,
+        split_batches=split_batches,
     )
     read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_batches)
     return iter(ds.to_iter_dataset(read_options))

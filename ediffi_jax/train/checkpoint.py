@@ -1,5 +1,8 @@
 """Orbax checkpoints of a run: train state (params, EMA, optimizer, step), data-iterator state, config.
 
+Orbax writes from every process of a multi-host run (each its own shards; JSON items from process 0) and restores
+each array straight into the sharding its target asks for, whatever the mesh it was saved from.
+
 Layout of a workdir:
     config.json          the full config of the run (written once; a re-run must match its model shape)
     checkpoints/<step>/  state (StandardSave), data (JSON iterator state), config (JSON)
@@ -88,7 +91,8 @@ class Checkpointer:
         ), force=force)
 
     def restore(self, abstract_state: TrainState, step: int | None = None) -> tuple[TrainState, dict, int]:
-        """Restores into the shapes/shardings of `abstract_state` (from `jax.eval_shape` of the init)."""
+        """Restores into the shapes and shardings of `abstract_state` (ShapeDtypeStructs, e.g. `abstract_like` or
+        `train.sharding.with_shardings`): a checkpoint saved on one mesh restores onto another."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
@@ -106,5 +110,13 @@ class Checkpointer:
         self.manager.close()
 
 
-def abstract_like(tree: Any) -> Any:
-    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+def abstract_like(tree: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
+    """ShapeDtypeStructs of `tree`, keeping each array's sharding. Leaves without one (from `jax.eval_shape`) get
+    `sharding`, by default this process's first device, so a checkpoint saved on any mesh restores here."""
+    default = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def one(x: Any) -> jax.ShapeDtypeStruct:
+        s = ocp.utils.to_shape_dtype_struct(x)
+        return s if s.sharding is not None else jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=default)
+
+    return jax.tree.map(one, tree)

@@ -73,15 +73,23 @@ def copy_parent_encoders(parent: str, encoder_dir: str) -> None:
         shutil.copytree(src, encoder_dir)
 
 
-def params_from_parent(config: ml_collections.ConfigDict, parent: str, params: nnx.State) -> nnx.State:
-    """The parent's latest EMA (or raw) parameters, restored into the structure of `params`."""
+def params_from_parent(config: ml_collections.ConfigDict, parent: str, params: nnx.State,
+                       mesh: jax.sharding.Mesh | None = None) -> nnx.State:
+    """The parent's latest EMA (or raw) parameters, restored into the structure of `params` (concrete or
+    abstract) — with a `mesh`, straight into the train state's shardings on it, whatever mesh the parent used."""
     tx = make_optimizer(ml_collections.ConfigDict(_parent_config(parent)["optim"]))
     abstract = jax.eval_shape(lambda p: init_train_state(p, tx), params)
+    if mesh is not None:
+        from ediffi_jax.train.sharding import tree_shardings, with_shardings
+
+        target = with_shardings(abstract, tree_shardings(abstract, mesh))
+    else:
+        target = abstract_like(abstract)
     ckpt = Checkpointer(parent, read_only=True)
     try:
         if ckpt.latest_step() is None:
             raise ValueError(f"expert.parent={parent!r} has no checkpoint yet: train it first")
-        state, _, step = ckpt.restore(abstract_like(abstract))
+        state, _, step = ckpt.restore(target)
     finally:
         ckpt.close()
     log.info("expert %r starts from %s params of %s (step %d)", config.expert.node, config.expert.init, parent,

@@ -1,11 +1,18 @@
 """The training loop: one `train(config, workdir)` in banner sections, as big_vision lays it out.
 
 Re-running on the same workdir resumes from the latest checkpoint (params, EMA, optimizer, step and the data
-iterator's position), so an interrupted run continues exactly where it stopped.
+iterator's position), so an interrupted run continues exactly where it stopped — on any mesh.
+
+The step runs on the device mesh of `config.mesh` (train/sharding.py): parameters, EMA and optimizer state
+sharded by the logical-axis rules, the batch split over ("data", "fsdp"), compiled once ahead of time with donated
+state. Multi-host (`config.distributed`): every process runs this same function; each reads its own block of
+every global batch, only process 0 writes config.json, TensorBoard, samples and the random encoders, and all
+processes take part in Orbax saves and restores. The workdir must be one directory all processes see.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -18,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
@@ -26,7 +35,8 @@ from ediffi_jax.data.shapes_tfds import build_shapes
 from ediffi_jax.encoders import FrozenEncoders, embeddings_from_batch, setup_encoders
 from ediffi_jax.sampling import HeunConfig
 from ediffi_jax.text_to_image import make_sampler, save_grid, to_uint8
-from ediffi_jax.train.checkpoint import Checkpointer, abstract_like, check_compatible, config_to_dict
+from ediffi_jax.train import sharding
+from ediffi_jax.train.checkpoint import Checkpointer, check_compatible, config_to_dict
 from ediffi_jax.train.expert_init import check_parent, copy_parent_encoders, expert_sigma_dist, params_from_parent
 from ediffi_jax.train.step import (
     TrainState,
@@ -39,7 +49,6 @@ from ediffi_jax.train.step import (
 )
 
 log = logging.getLogger(__name__)
-
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -58,7 +67,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def _prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
-    os.makedirs(workdir, exist_ok=True)
+    if "://" in workdir:
+        raise ValueError(f"--workdir={workdir!r}: remote paths are not supported yet; use a directory every "
+                         "process sees (e.g. a mounted bucket: gcsfuse, NFS)")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create workdir {workdir!r}: {e.strerror or e}") from None
     path = os.path.join(workdir, "config.json")
     current = config_to_dict(config)
     if os.path.exists(path):
@@ -82,7 +97,15 @@ def load_data(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
 
         train_src, val_src = load_embedded(d.precomputed, config)
         return train_src, val_src if d.num_val > 0 else None
-    builder = build_shapes(os.path.expanduser(d.data_dir), d.resolution, d.num_train, d.num_val, d.seed)
+
+    def build() -> Any:
+        return build_shapes(os.path.expanduser(d.data_dir), d.resolution, d.num_train, d.num_val, d.seed)
+
+    if jax.process_count() > 1:  # one writer: process 0 generates the dataset, the others then open it
+        if jax.process_index() == 0:
+            build()
+        multihost_utils.sync_global_devices("ediffi_jax:data")
+    builder = build()
     return builder.as_data_source("train"), builder.as_data_source("validation") if d.num_val > 0 else None
 
 
@@ -123,63 +146,98 @@ def _caption(record: dict) -> str:
     return c.decode() if isinstance(c, bytes) else str(c)
 
 
+def _setup_encoders(config: ml_collections.ConfigDict, workdir: str, parent: str, train_src: Any) -> FrozenEncoders:
+    """The run's frozen encoders. Multi-host: process 0 creates what is missing (copies of the parent's or the
+    precomputed data's encoders, random encoders, trained tokenizers) while the others wait, then they read it."""
+    def setup() -> FrozenEncoders:
+        if parent:
+            copy_parent_encoders(parent, os.path.join(workdir, "encoders"))
+        n_tok = min(len(train_src), 5000)
+        return setup_encoders(config, _encoder_dir(config, workdir),
+                              captions=(_caption(train_src[i]) for i in range(n_tok)))
+
+    if jax.process_count() == 1:
+        return setup()
+    encoders = setup() if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("ediffi_jax:encoders")
+    return encoders or setup()
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains (or resumes) the run in `workdir`; returns the final metrics (loss, shape-score)."""
+    # ---------------------------------------------------------------- processes, mesh, checks before any work
+    sharding.initialize_distributed(config)  # before anything touches devices
     validate(config)
     tree, sigma_dist = expert_sigma_dist(config)
     parent = check_parent(config, tree) if config.expert.node else ""
+    mesh = sharding.mesh_from_config(config.get("mesh"))
+    local_batch = sharding.check_batch_size(config.train.batch_size, mesh)
     _prepare_workdir(config, workdir)
-    if parent:
-        copy_parent_encoders(parent, os.path.join(workdir, "encoders"))
+    log.info("mesh %s, %d process(es), batch %d per process", sharding.describe_mesh(mesh), jax.process_count(),
+             local_batch)
 
     # ---------------------------------------------------------------- input
     train_src, val_src = load_data(config)
-    n_tok = min(len(train_src), 5000)
-    encoders = setup_encoders(config, _encoder_dir(config, workdir),
-                              captions=(_caption(train_src[i]) for i in range(n_tok)))
+    encoders = _setup_encoders(config, workdir, parent, train_src)
     device_keys = _device_keys(config, encoders)
     if config.data.precomputed:
         names = encoders.names
         encode, tokenize = (lambda _, b: embeddings_from_batch(b, names)), None  # noqa: E731
     else:
         encode, tokenize = encoders.encode, encoders.tokenize
+    # Every process reads its own block of each global batch; the global batches do not depend on the
+    # number of processes, so a run on 1 host and on N hosts sees the same examples at every step.
     train_iter = pipeline.make_train_iterator(
-        train_src, batch_size=config.train.batch_size, seed=config.seed, tokenize=tokenize,
-        shard_index=jax.process_index(), shard_count=jax.process_count())
+        train_src, batch_size=local_batch, seed=config.seed, tokenize=tokenize,
+        shard_index=jax.process_index(), shard_count=jax.process_count(), split_batches=True)
 
-    # ---------------------------------------------------------------- model and optimizer
-    graphdef, params = split_model(build_model(config, config.seed))
+    # ---------------------------------------------------------------- model, optimizer and their shardings
+    graphdef, abstract_params = split_model(nnx.eval_shape(lambda: build_model(config, config.seed)))
     tx = make_optimizer(config.optim)
-    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+    abstract_state = jax.eval_shape(lambda p: init_train_state(p, tx), abstract_params)
+    state_shardings = sharding.tree_shardings(abstract_state, mesh)
+    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(abstract_params))
     log.info("denoiser parameters: %s", f"{n_params:,}")
 
-    # ---------------------------------------------------------------- checkpoint / resume
+    # ---------------------------------------------------------------- state: resume, parent, or fresh (sharded)
     ckpt = Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
-    start = 0
-    if parent and ckpt.latest_step() is None:
-        params = params_from_parent(config, parent, params)  # fresh optimizer, step 0
-    state = init_train_state(params, tx)
+    start, data_state = 0, None
     if ckpt.latest_step() is not None:
-        state, data_state, start = ckpt.restore(abstract_like(state))
-        if data_state:
-            train_iter.set_state(data_state)
+        state, data_state, start = ckpt.restore(sharding.with_shardings(abstract_state, state_shardings))
         log.info("resumed from step %d", start)
-
-    # ---------------------------------------------------------------- update (compiled ahead of time)
-    key = jax.random.PRNGKey(config.seed)
+    elif parent:  # fresh optimizer at step 0 on the parent's parameters, restored straight onto this mesh
+        params = params_from_parent(config, parent, abstract_params, mesh)
+        state = jax.jit(lambda p: init_train_state(p, tx), out_shardings=state_shardings)(params)
+    else:  # built under jit straight into its shardings: never whole on one device
+        state = jax.jit(lambda: init_train_state(split_model(build_model(config, config.seed))[1], tx),
+                        out_shardings=state_shardings)()
+    if data_state:
+        train_iter.set_state(data_state)
     if start >= config.train.num_steps:
         ckpt.close()
         log.info("workdir already holds step %d >= train.num_steps=%d: nothing to train",
                  start, config.train.num_steps)
         return {}
-    first = next(train_iter)
+
+    # ---------------------------------------------------------------- update (compiled once, ahead of time)
+    first = _device_batch(next(train_iter), device_keys)
+    # Frozen encoders sharded by the same rules (evaluation encodes prompts with them next to the sharded EMA).
+    encoders = dataclasses.replace(encoders, params=sharding.shard_params(encoders.params, mesh))
     enc_params = {} if config.data.precomputed else encoders.params
-    t0 = time.perf_counter()
+    rep = sharding.replicated(mesh)
+    key = jax.device_put(jax.random.PRNGKey(config.seed), rep)
     spec = step_spec(config, sigma_dist)
+    t0 = time.perf_counter()
     step_fn = jax.jit(
         lambda s, b, e, k: train_step(s, b, e, k, graphdef=graphdef, encode=encode, tx=tx, spec=spec),
-        donate_argnums=(0,)).lower(state, _device_batch(first, device_keys), enc_params, key).compile()
+        in_shardings=(state_shardings, sharding.batch_shardings(first, mesh),
+                      sharding.tree_shardings(enc_params, mesh), rep),
+        out_shardings=(state_shardings, rep),
+        donate_argnums=(0,),
+    ).lower(sharding.with_shardings(abstract_state, state_shardings), sharding.abstract_batch(first, mesh),
+            enc_params, key).compile()
     log.info("train step compiled in %.1f s", time.perf_counter() - t0)
+    sharding.log_memory(step_fn)
 
     writer = SummaryWriter(os.path.join(workdir, "tb")) if jax.process_index() == 0 else None
     metrics: dict[str, float] = {}
@@ -189,8 +247,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                disable=jax.process_index() != 0)
     try:
         for step in range(start, total):
-            batch = first if step == start else next(train_iter)
-            state, m = step_fn(state, _device_batch(batch, device_keys), enc_params, key)
+            batch = first if step == start else _device_batch(next(train_iter), device_keys)
+            state, m = step_fn(state, sharding.global_batch(batch, mesh), enc_params, key)
             window = m if window is None else _accumulate(window, m)  # stays on device
             n_last += 1
             bar.update(1)
@@ -260,10 +318,12 @@ def evaluate(
     embeddings = encoders.encode_prompts(captions)
     r = config.model.image_size
     key = jax.random.PRNGKey(config.seed + 1)
-    noise = jax.random.normal(key, (n, r, r, config.model.out_channels))
+    # Host values (the same on every process) next to the sharded EMA; the images come back to every host.
+    noise = np.asarray(jax.random.normal(key, (n, r, r, config.model.out_channels)))
     sample = _eval_sampler(graphdef, HeunConfig.from_config(config.sample), config.edm.sigma_data)
-    s = jnp.float32(config.sample.guidance_scale)
-    images = to_uint8(sample(state.ema, embeddings, noise, key, s, s))
+    s = np.float32(config.sample.guidance_scale)
+    out = sample(state.ema, embeddings, noise, np.asarray(key), s, s)
+    images = to_uint8(multihost_utils.process_allgather(out, tiled=True) if jax.process_count() > 1 else out)
     if jax.process_index() == 0:
         save_grid(images, os.path.join(workdir, "samples", f"step_{step:08d}.png"))
     return shapes.score_batch(images, captions)

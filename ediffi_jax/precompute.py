@@ -1,0 +1,232 @@
+"""Precomputing embeddings: run the frozen encoders over a run's data once and store them (`ediffi-embed`).
+
+Train on the output with `--config.data.precomputed=DIR`: the train step then reads T5 / CLIP embeddings from
+the records instead of running the encoders on every batch (layout: `ediffi_jax.data.embedded`).
+
+The source data is loaded as training loads it; the encoders are prepared in `DIR/encoders` as training
+prepares them in `<workdir>/encoders` (random ones from their seeds, tokenizers trained on the first 5000 train
+captions). Each split is encoded in source order by one compiled function: the batch is split over all devices
+(`--batch_size` must divide by the device count), the encoder parameters are replicated, or with `--fsdp N`
+sharded over N devices; the last partial batch is padded and the padding dropped. A non-empty `DIR` must be an
+earlier output of the same config: a complete one makes the run a no-op, an interrupted one is redone (its
+encoders kept). A first run that fails or is interrupted removes what it created, and nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from ediffi_jax.data import pipeline, shapes
+from ediffi_jax.data.embedded import (
+    ENCODERS_DIR,
+    FORMAT,
+    STORAGE_DTYPES,
+    TFDS_DIR,
+    SplitWriter,
+    embedding_widths,
+    features,
+    field_specs,
+    first_difference,
+    flatten_embeddings,
+    read_manifest,
+    source_key,
+    write_dataset_info,
+    write_manifest,
+)
+
+log = logging.getLogger(__name__)
+_PARTIAL = TFDS_DIR + ".partial"
+
+
+
+def _check_out(out: str, key: dict) -> tuple[str, dict | None]:
+    """("new" | "redo" | "complete", manifest): what `out` holds; refuses anything but an output of `key`."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out!r} is a file, not a directory")
+    entries = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    manifest = read_manifest(out, f"--out {out!r}") if entries else None
+    if manifest is None:
+        if entries:
+            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+            raise ValueError(f"--out {out!r} is not empty ({shown}) and is not an ediffi-embed output; "
+                             "choose a new directory")
+        return "new", None
+    diff = first_difference(manifest.get("source", {}), key)
+    if diff:
+        kind = "a complete" if manifest.get("complete") else "an incomplete"
+        raise ValueError(f"--out {out!r} holds {kind} ediffi-embed output of another config: "
+                         f"{diff[0]}={diff[1]!r} there, {diff[2]!r} here")
+    return ("complete" if manifest.get("complete") else "redo"), manifest
+
+
+def _decode(record: dict) -> dict:
+    """A source record → the float image and caption training feeds the encoders, plus its PNG for storage."""
+    ex = pipeline.decode_record({"image": record["image"], "caption": record["caption"]})
+    ex["png"] = shapes.encode_png(pipeline.decode_image(record["image"]))
+    return ex
+
+
+def _stack(examples: list[dict]) -> dict:
+    return {"image": np.stack([e["image"] for e in examples]), "caption": [e["caption"] for e in examples],
+            "png": [e["png"] for e in examples]}
+
+
+def _host_batches(src: Any, batch_size: int, num_threads: int = 4) -> Any:
+    """In-order batches of decoded records (the last one may be short), prepared by background threads."""
+    import grain
+
+    ds = grain.MapDataset.source(src).map(_decode).batch(batch_size, drop_remainder=False, batch_fn=_stack)
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=num_threads)))
+
+
+def embed(config: ml_collections.ConfigDict, out: str, *, batch_size: int = 64, dtype: str = "float32",
+          fsdp: int = 1) -> dict[str, Any]:
+    """Writes the embedded dataset of `config`'s data to `out`; returns {"skipped": bool, "counts": {split: n}}."""
+    import jax
+
+    from ediffi_jax import sharding
+    from ediffi_jax.encoders import setup_encoders
+    from ediffi_jax.train.loop import load_data, validate
+
+    # ---------------------------------------------------------------- arguments (before touching `out`)
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"--dtype={dtype!r}: expected one of {STORAGE_DTYPES}")
+    if batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
+    if jax.process_count() > 1:
+        raise ValueError(f"ediffi-embed runs in one process; this is one of {jax.process_count()}")
+    n_dev = jax.device_count()
+    if batch_size % n_dev:
+        raise ValueError(f"--batch_size={batch_size} is not divisible by the {n_dev} devices")
+    mesh = sharding.make_mesh(data=-1, fsdp=fsdp)
+    config = config.copy_and_resolve_references()
+    config.data.precomputed = ""
+    validate(config)
+    out = os.path.abspath(os.path.expanduser(out))
+    key = source_key(config, dtype)
+    status, manifest = _check_out(out, key)
+    if status == "complete":
+        log.info("%s already holds the complete output of this config: nothing to do", out)
+        return {"skipped": True, "counts": manifest["counts"]}
+
+    # ---------------------------------------------------------------- input (as training loads it)
+    train_src, val_src = load_data(config)
+    splits = {"train": train_src, **({"validation": val_src} if val_src is not None else {})}
+
+    existed = os.path.isdir(out)
+    os.makedirs(out, exist_ok=True)
+    write_manifest(out, {"format": FORMAT, "complete": False, "source": key})
+    try:
+        # ------------------------------------------------------------ encoders (as training prepares them)
+        enc_dir = os.path.join(out, ENCODERS_DIR)
+        os.makedirs(enc_dir, exist_ok=True)  # stays empty for pretrained encoders; training copies it
+        n_tok = min(len(train_src), 5000)
+        captions = (pipeline.decode_caption(train_src[i]["caption"]) for i in range(n_tok))
+        encoders = setup_encoders(config, enc_dir, captions=captions)
+        params = sharding.shard_state(encoders.params, mesh)
+
+        # ------------------------------------------------------------ encode and write, split by split
+        for stale in (_PARTIAL, TFDS_DIR):  # leftovers of an interrupted run of this same config
+            shutil.rmtree(os.path.join(out, stale), ignore_errors=True)
+        partial = os.path.join(out, _PARTIAL)
+        os.makedirs(partial)
+        run = _Encoder(encoders, params, mesh, batch_size, dtype)
+        infos, counts = [], {}
+        t0 = time.perf_counter()
+        for split, src in splits.items():
+            infos.append(run.split(split, src, partial))
+            counts[split] = len(src)
+        dt = time.perf_counter() - t0
+        write_dataset_info(partial, run.features, infos)
+        os.replace(partial, os.path.join(out, TFDS_DIR))
+        write_manifest(out, {
+            "format": FORMAT, "complete": True, "source": key, "names": list(encoders.names), "dtype": dtype,
+            "resolution": run.resolution, "fields": run.specs, "embeddings": embedding_widths(run.specs),
+            "counts": counts, "tfds_dir": TFDS_DIR, "encoders_dir": ENCODERS_DIR,
+            "batch_size": batch_size, "devices": n_dev, "fsdp": fsdp, "seconds": round(dt, 3)})
+    except BaseException:
+        if status == "new":  # undo what this run created, so a corrected config can use the same --out
+            if existed:
+                for name in os.listdir(out):
+                    p = os.path.join(out, name)
+                    shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+            else:
+                shutil.rmtree(out, ignore_errors=True)
+        raise
+    log.info("embedded %s records in %.1f s (%.1f records/s)", counts, dt, sum(counts.values()) / dt)
+    return {"skipped": False, "counts": counts}
+
+
+class _Encoder:
+    """One compiled `encode` for the fixed (padded) batch shape, and the writing of its outputs."""
+
+    def __init__(self, encoders: Any, params: Any, mesh: Any, batch_size: int, dtype: str):
+        self.encoders, self.params, self.mesh = encoders, params, mesh
+        self.batch_size, self.dtype = batch_size, dtype
+        self.compiled = self.specs = self.features = self.resolution = None
+
+    def _device_batch(self, host: dict) -> dict:
+        import jax
+
+        from ediffi_jax.sharding import batch_sharding
+
+        batch = self.encoders.tokenize(host["caption"])
+        if "image" in self.encoders.batch_keys:
+            batch["image"] = host["image"]
+        pad = self.batch_size - len(host["caption"])
+        if pad:  # repeat the last record; its outputs are dropped
+            batch = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in batch.items()}
+        return {k: jax.device_put(v, batch_sharding(self.mesh, v.ndim)) for k, v in batch.items()}
+
+    def _compile(self, batch: dict, resolution: int) -> None:
+        import jax
+
+        self.compiled = jax.jit(self.encoders.encode).lower(self.params, batch).compile()
+        shapes = flatten_embeddings(jax.eval_shape(self.encoders.encode, self.params, batch))
+        self.specs = field_specs(shapes, self.dtype)
+        self.resolution = resolution
+        self.features = features(resolution, self.specs)
+
+    def _write(self, writer: SplitWriter, host: dict, outputs: Any) -> None:
+        import jax
+
+        fields = jax.device_get(flatten_embeddings(outputs))
+        for i, (png, caption) in enumerate(zip(host["png"], host["caption"])):
+            record = {"image": png, "caption": caption}
+            for k, v in fields.items():
+                record[k] = v[i].astype(self.specs[k]["dtype"])
+            writer.write(record)
+
+    def split(self, name: str, src: Any, data_dir: str) -> Any:
+        """Encodes and writes one split; returns its TFDS SplitInfo."""
+        from tqdm import tqdm
+
+        writer, pending = None, None
+        bar = tqdm(total=len(src), desc=f"embed {name}", unit="rec", dynamic_ncols=True)
+        try:
+            for host in _host_batches(src, self.batch_size):
+                batch = self._device_batch(host)
+                if self.compiled is None:
+                    self._compile(batch, host["image"].shape[1])
+                if writer is None:
+                    per_record = sum(int(np.prod(s["shape"])) * np.dtype(s["dtype"]).itemsize
+                                     for s in self.specs.values()) + 3 * self.resolution**2 + 256
+                    writer = SplitWriter(data_dir, name, self.features, len(src), per_record)
+                outputs = self.compiled(self.params, batch)  # dispatched; the previous batch is written meanwhile
+                if pending:
+                    self._write(writer, *pending)
+                    bar.update(len(pending[0]["caption"]))
+                pending = (host, outputs)
+            if pending:
+                self._write(writer, *pending)
+                bar.update(len(pending[0]["caption"]))
+        finally:
+            bar.close()
+        return writer.close()

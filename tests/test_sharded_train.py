@@ -1,0 +1,296 @@
+"""Sharded training: 8 fake devices (data 4 × fsdp 2) and 2 processes × 4 devices (launch/local_multiprocess.sh,
+a hybrid mesh over processes) train like one device; parameters really are sharded; a checkpoint written on 8
+devices resumes on 1; a bad mesh, batch size or workdir is one clear line before any compile; ediffi-plan's
+bytes per device of the paper-size model on 32 devices."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from multidevice import REPO, run_multidevice
+
+from ediffi_jax.cli.common import load_config_file
+from ediffi_jax.train.checkpoint import Checkpointer, abstract_like
+from ediffi_jax.train.events import read_scalars
+from ediffi_jax.train.loop import train
+from ediffi_jax.train.step import build_model, init_train_state, make_optimizer, split_model
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+STEPS = 4
+
+# The micro model with a one-level U-Net (compiles fast); 4 steps, a checkpoint every 2, no evaluation.
+CONFIG = """
+import sys
+sys.path.insert(0, {tests!r})
+from conftest import micro_config
+
+
+def get_config():
+    c = micro_config({data_dir!r})
+    c.data.update(dict(num_train=64, num_val=0))
+    c.model.update(dict(channel_mult=(1,), attn_resolutions=(), cross_attn_resolutions=(16,)))
+    c.train.update(dict(num_steps={steps}, log_every=1, ckpt_every=2, eval_num=0))
+    return c
+"""
+
+# Run B: 8 devices in one process. First the bad inputs (each must fail before anything is traced or compiled, and
+# create nothing),
+# then the run itself, then how its state is laid out on the devices.
+_EIGHT_DEVICES = r"""
+import json, os
+import jax, numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from ediffi_jax.cli.common import load_config_file
+from ediffi_jax.train import sharding
+from ediffi_jax.train.loop import train
+from ediffi_jax.train.step import build_model, init_train_state, make_optimizer, split_model
+
+compiles = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda name, secs, **kw: compiles.append(name) if name.startswith("/jax/core/compile") else None)
+config = load_config_file(CFG)
+blocker = os.path.join(TMP, "a_file")
+open(blocker, "w").close()
+errors = {}
+for name, workdir, change in [
+    ("mesh", os.path.join(TMP, "bad_mesh"), lambda c: c.mesh.update(dict(fsdp=3))),
+    ("batch", os.path.join(TMP, "bad_batch"), lambda c: c.train.update(dict(batch_size=12))),
+    ("workdir", os.path.join(blocker, "run"), lambda c: None),
+]:
+    c = config.copy_and_resolve_references()
+    change(c)
+    before = len(compiles)
+    try:
+        train(c, workdir)
+        errors[name] = None
+    except ValueError as e:
+        errors[name] = dict(msg=str(e), compiles=len(compiles) - before, created=os.path.exists(workdir))
+
+config.mesh.update(dict(data=4, fsdp=2))
+train(config, WORKDIR)
+
+# The saved state records the sharding it was trained with; restored onto the same mesh, each device holds its part.
+with ocp.StandardCheckpointer() as ckptr:
+    meta = ckptr.metadata(os.path.join(WORKDIR, "checkpoints", str(STEPS), "state")).item_metadata
+leaves = jax.tree_util.tree_leaves_with_path(meta["params"])
+path, big = max(leaves, key=lambda pl: int(np.prod(pl[1].shape)))
+mesh = sharding.mesh_from_config(config.mesh)
+graphdef, params = split_model(nnx.eval_shape(lambda: build_model(config, config.seed)))
+tx = make_optimizer(config.optim)
+abstract = jax.eval_shape(lambda p: init_train_state(p, tx), params)
+from ediffi_jax.train.checkpoint import Checkpointer
+ckpt = Checkpointer(WORKDIR, read_only=True)
+state, _, _ = ckpt.restore(sharding.with_shardings(abstract, sharding.tree_shardings(abstract, mesh)))
+ckpt.close()
+arrays = {"params": jax.tree.leaves(state.params), "ema": jax.tree.leaves(state.ema),
+          "opt_state": [a for a in jax.tree.leaves(state.opt_state) if a.ndim]}
+kernel = max(arrays["params"], key=lambda a: a.size)
+print(json.dumps(dict(
+    errors=errors,
+    saved=dict(name=jax.tree_util.keystr(path), shape=list(big.shape),
+               spec=[s if isinstance(s, (str, type(None))) else list(s) for s in big.sharding.partition_spec]),
+    kernel=dict(shape=list(kernel.shape), shards={str(s.device.id): list(s.data.shape)
+                                                   for s in kernel.addressable_shards}),
+    fraction={k: sum(a.addressable_shards[0].data.size for a in v) / sum(a.size for a in v)
+              for k, v in arrays.items()},
+)))
+"""
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data_dir):
+    """A: 1 device (this process). B: 8 devices, data 4 × fsdp 2. C: 2 processes × 4 devices on a hybrid
+    mesh (data 2 per process × 2 processes, fsdp 2). Same config, same 4 steps."""
+    tmp = tmp_path_factory.mktemp("sharded")
+    cfg = str(tmp / "config.py")
+    with open(cfg, "w") as f:
+        f.write(CONFIG.format(tests=TESTS, data_dir=data_dir, steps=STEPS))
+    dirs = {k: str(tmp / k) for k in "ABC"}
+    t0 = time.perf_counter()
+    train(load_config_file(cfg), dirs["A"])  # also builds the dataset once, before processes share it
+    t1 = time.perf_counter()
+
+    header = f"CFG, TMP, WORKDIR, STEPS = {cfg!r}, {str(tmp)!r}, {dirs['B']!r}, {STEPS}\n"
+    b = json.loads(run_multidevice(header + _EIGHT_DEVICES, devices=8).strip().splitlines()[-1])
+    t2 = time.perf_counter()
+
+    # Process 1 compiles everything itself: XLA's persistent cache is written by process 0 only.
+    env = dict(os.environ, PYTHON=sys.executable, LOG_DIR=str(tmp / "logs"))
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(REPO, ".jax_cache"))
+    proc = subprocess.run(
+        [os.path.join(REPO, "launch", "local_multiprocess.sh"), "2", "4", "--", "--config", cfg,
+         "--workdir", dirs["C"], "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.dcn_data=2",
+         f"--config.train.ckpt_every={STEPS}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    logs = {p: open(tmp / "logs" / p).read() for p in sorted(os.listdir(tmp / "logs"))}
+    assert proc.returncode == 0, proc.stderr[-2000:] + "".join(f"\n--- {k}\n{v[-3000:]}" for k, v in logs.items())
+    print(f"\nrun A (1 device) {t1 - t0:.1f} s, B (8 devices) {t2 - t1:.1f} s, "
+          f"C (2 processes x 4 devices) {time.perf_counter() - t2:.1f} s")
+    return dict(tmp=tmp, cfg=cfg, dirs=dirs, b=b, logs=logs)
+
+
+def _losses(workdir: str) -> np.ndarray:
+    scalars = read_scalars(os.path.join(workdir, "tb"))["train/loss"]
+    return np.array([v for _, v in scalars]), [s for s, _ in scalars]
+
+
+def _final_state(cfg: str, workdir: str):
+    config = load_config_file(cfg)
+    _, params = split_model(nnx.eval_shape(lambda: build_model(config, config.seed)))
+    tx = make_optimizer(config.optim)
+    ckpt = Checkpointer(workdir, read_only=True)
+    state, _, step = ckpt.restore(abstract_like(jax.eval_shape(lambda p: init_train_state(p, tx), params)))
+    ckpt.close()
+    assert step == STEPS
+    return state
+
+
+def _assert_same_params(a, b) -> float:
+    """Parameters and EMA equal to 1e-5 relative per array. A zero-initialised array that barely moved (output
+    convs; attention key biases, whose gradient is 0 in exact arithmetic, so Adam turns float noise into a
+    1e-11 step) is measured against 0.01 instead of its own tiny scale. Returns the worst ratio."""
+    worst = 0.0
+    for part in ("params", "ema"):
+        pairs = zip(jax.tree_util.tree_leaves_with_path(getattr(a, part)), jax.tree.leaves(getattr(b, part)))
+        for (path, x), y in pairs:
+            x, y = np.asarray(x), np.asarray(y)
+            ratio = np.abs(x - y).max() / (1e-5 * max(np.abs(x).max(), 1e-2))
+            assert ratio <= 1.0, (part, jax.tree_util.keystr(path), np.abs(x - y).max(), np.abs(x).max())
+            worst = max(worst, float(ratio))
+    return worst
+
+
+def test_eight_devices_train_like_one(runs):
+    (la, sa), (lb, sb) = _losses(runs["dirs"]["A"]), _losses(runs["dirs"]["B"])
+    assert sa == sb == list(range(1, STEPS + 1))
+    rel = np.abs(la - lb) / np.abs(la)
+    print(f"losses 1 device {np.round(la, 6)}, 8 devices max rel diff {rel.max():.1e}")
+    assert rel.max() <= 1e-5
+    worst = _assert_same_params(_final_state(runs["cfg"], runs["dirs"]["A"]),
+                                _final_state(runs["cfg"], runs["dirs"]["B"]))
+    print(f"params/EMA after {STEPS} steps: worst |diff| / tolerance {worst:.3f}")
+
+
+def test_state_is_really_sharded(runs):
+    b = runs["b"]
+    # The checkpoint records how the run held its state: the largest kernel split over fsdp.
+    assert "fsdp" in json.dumps(b["saved"]["spec"]), b["saved"]
+    shape, shards = b["kernel"]["shape"], b["kernel"]["shards"]
+    assert len(shards) == 8
+    for dev_shape in shards.values():  # halved on one axis by fsdp = 2, replicated over data
+        assert np.prod(dev_shape) * 2 == np.prod(shape), (shape, dev_shape)
+    print(f"largest kernel {b['saved']['name']} {shape} → {shards['0']} per device; device 0 holds "
+          + ", ".join(f"{k} {v:.3f}" for k, v in b["fraction"].items()) + " of the state")
+    for part, fraction in b["fraction"].items():
+        assert 0.5 <= fraction < 0.6, (part, fraction)  # 1/2 by fsdp, plus small replicated norms and biases
+
+
+def test_two_processes_train_like_one_process(runs):
+    (lb, _), (lc, sc) = _losses(runs["dirs"]["B"]), _losses(runs["dirs"]["C"])
+    assert sc == list(range(1, STEPS + 1))
+    rel = np.abs(lb - lc) / np.abs(lb)
+    print(f"2 processes x 4 devices vs 1 process x 8 devices: max rel loss diff {rel.max():.1e}")
+    assert rel.max() <= 1e-5
+    logs = runs["logs"]
+    assert set(logs) == {"process_0.log", "process_1.log"}
+    assert "process 1 of 2" in logs["process_1.log"] and "batch 4 per process" in logs["process_1.log"]
+    assert "train step compiled" in logs["process_1.log"]
+    # Only process 0 writes TensorBoard; both took part in the checkpoints.
+    assert len(os.listdir(os.path.join(runs["dirs"]["C"], "tb"))) == 1
+    assert sorted(os.listdir(os.path.join(runs["dirs"]["C"], "checkpoints"))) == [str(STEPS)]
+
+
+def test_checkpoint_from_eight_devices_resumes_on_one(runs):
+    """B's step-2 checkpoint (8 devices) restored on this process's one device: steps 3-4 equal run A's."""
+    resumed = str(runs["tmp"] / "D")
+    shutil.copytree(runs["dirs"]["B"], resumed, ignore=shutil.ignore_patterns("tb"))
+    shutil.rmtree(os.path.join(resumed, "checkpoints", str(STEPS)))
+    assert jax.device_count() == 1
+    train(load_config_file(runs["cfg"]), resumed)
+    (la, _), (ld, sd) = _losses(runs["dirs"]["A"]), _losses(resumed)
+    assert sd == [3, 4]
+    rel = np.abs(la[2:] - ld) / np.abs(la[2:])
+    print(f"resumed on 1 device from the 8-device checkpoint: max rel loss diff {rel.max():.1e}")
+    assert rel.max() <= 1e-5
+    _assert_same_params(_final_state(runs["cfg"], runs["dirs"]["A"]), _final_state(runs["cfg"], resumed))
+
+
+def test_bad_inputs_fail_before_compiling(runs, tmp_path):
+    errors = runs["b"]["errors"]
+    expected = {
+        "mesh": "config.mesh: device count 8 is not divisible by the fixed mesh sizes",
+        "batch": "train.batch_size=12 is not divisible by the data x fsdp mesh size 8",
+        "workdir": "cannot create workdir",
+    }
+    for name, start in expected.items():
+        e = errors[name]
+        assert e is not None and e["msg"].startswith(start) and "\n" not in e["msg"], (name, e)
+        assert e["compiles"] == 0 and not e["created"], (name, e)
+    assert "Not a directory" in errors["workdir"]["msg"]
+    from ediffi_jax.train.sharding import mesh_from_config
+
+    for cfg, msg in [({"dcn_data": 2}, "config.mesh: device count 1 is not divisible by the DCN factors"),
+                     ({"data": 1, "fsdp": 2}, r"config.mesh: mesh \{'data': 1, 'fsdp': 2, 'tensor': 1\} needs 2"),
+                     ({"fsdp": "2"}, "config.mesh.fsdp='2' is not an integer")]:
+        with pytest.raises(ValueError, match=msg):
+            mesh_from_config(cfg)
+    assert dict(mesh_from_config({}).shape) == {"data": 1, "fsdp": 1, "tensor": 1}
+    # Through the command line: exit status 2 and one line (a mesh of 2 devices on this machine's 1).
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    p = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ediffi-train"), "--config", runs["cfg"],
+                        "--workdir", str(tmp_path / "w"), "--config.mesh.fsdp=2"],
+                       capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert lines[-1] == ("ediffi-train: error: config.mesh: device count 1 is not divisible by the fixed mesh "
+                         "sizes {'data': -1, 'fsdp': 2, 'tensor': 1}"), lines
+    assert not (tmp_path / "w").exists()
+
+
+def test_plan_of_the_paper_model_on_32_devices():
+    """base64 + T5-XXL + CLIP-L text/vision on data 8 × fsdp 4 (the figures quoted in docs/scaling.md)."""
+    from ediffi_jax.models.t5 import T5Config
+    from ediffi_jax.train.plan import format_plan, parse_mesh, plan, resolve_mesh
+
+    sizes = parse_mesh("data=8,fsdp=4")
+    assert sizes == {"data": 8, "fsdp": 4, "tensor": 1}
+    r = plan(load_config_file(os.path.join(REPO, "configs", "base64.py")), sizes)
+    print("\n" + format_plan(r, sizes, "configs/base64.py"))
+    parts = r["parts"]
+    assert r["params"] == 715_895_555 and r["batch_per_device"] == 2048 // 32
+    assert parts["params"]["total"] == 4 * r["params"] and parts["ema"] == parts["params"]
+    assert parts["optimizer"]["total"] == 2 * parts["params"]["total"] + 12  # AdamW moments + 3 int32 counts
+    assert parts["encoder t5"]["total"] == 4 * T5Config.xxl().num_params()
+    assert set(parts) == {"params", "ema", "optimizer", "encoder t5", "encoder clip_text", "encoder clip_image"}
+    for name, p in parts.items():  # fsdp 4 divides each part by 4, up to small replicated norms and biases
+        assert p["total"] / 4 <= p["per_device_max"] <= p["total"] / 4 * 1.003, name
+    assert r["total"]["per_device_max"] == sum(p["per_device_max"] for p in parts.values())
+    assert 7.5 < r["total"]["per_device_max"] / 2**30 < 7.51  # of 30.0 GiB in all
+    # Bad meshes: one line each (the CLI prints it and exits 2).
+    for text, msg in [("data=8,fsdp=x", "--mesh entry 'fsdp=x'"), ("pipe=2", "--mesh entry 'pipe=2'"),
+                      ("data=-1,data=2", "--mesh entry 'data=2'")]:
+        with pytest.raises(ValueError, match=msg):
+            parse_mesh(text)
+    with pytest.raises(ValueError, match=r"device count 32 is not divisible by the fixed mesh sizes"):
+        resolve_mesh(parse_mesh("data=-1,fsdp=3"), 32)
+    with pytest.raises(ValueError, match="not divisible by the data x fsdp mesh size 3"):
+        plan(load_config_file(os.path.join(REPO, "configs", "base64.py")), parse_mesh("fsdp=3"))
+    p = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ediffi-plan"), "--config",
+                        "configs/base64.py", "--mesh", "data=-1,fsdp=3"],
+                       capture_output=True, text=True, cwd=REPO, timeout=120,
+                       env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+    assert p.returncode == 2 and p.stdout == "", p.stderr[-2000:]
+    assert p.stderr.strip().splitlines() == [
+        "ediffi-plan: error: device count 1 is not divisible by the fixed mesh sizes "
+        "{'data': -1, 'fsdp': 3, 'tensor': 1}"]
