@@ -83,6 +83,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3
     c.train.eval_every = 0  # 0 = only at the end: sample eval prompts and report the shape-score
     c.train.eval_num = 32
+    # A step with a non-finite loss or gradient leaves params, EMA and optimizer state as they were (its step
+    # still counts); after this many in a row the run stops with an error, keeping its last checkpoint (0 = never).
+    c.train.max_consecutive_skips = 10
 
     # Sampler: EDM Heun with optional churn; guidance D = D_u + s·(D_text − D_u) [+ s_img·(D_text+img − D_text)
     # when a reference image is given], s = guidance_scale, s_img = image_guidance_scale (sampling.py).

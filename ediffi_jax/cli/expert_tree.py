@@ -6,7 +6,8 @@
 Trains the root on all σ into ROOT_DIR/root, then every node of `tree.training_order()` from the node it starts
 from (ROOT_DIR/<node>, parent ROOT_DIR/<init node>), each on its σ interval only, and finally writes the ensemble
 to ROOT_DIR/ensemble (load it with `TextToImage.from_workdir` / `ensemble.load_ensemble`). Re-running resumes:
-finished nodes are no-ops, an interrupted node continues from its last checkpoint.
+finished nodes are no-ops, an interrupted node continues from its last checkpoint. Exit status 75 = stopped on
+SIGTERM with a complete checkpoint (as `ediffi-train`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,16 @@ def _main(argv: list[str]) -> None:
     del argv
     if _ROOT.value is None:
         raise ValueError("--root_dir is required")
-    out = train_expert_tree(_CONFIG.value, _ROOT.value, _CHILD_STEPS.value)
+    from ediffi_jax.cli.train import EXIT_PREEMPTED
+    from ediffi_jax.train.loop import Preempted
+    from ediffi_jax.train.sharding import initialize_distributed
+
+    initialize_distributed(_CONFIG.value)  # before anything touches devices
+    try:
+        out = train_expert_tree(_CONFIG.value, _ROOT.value, _CHILD_STEPS.value)
+    except Preempted:  # a node stopped on SIGTERM with a checkpoint: re-running resumes it
+        sys.stdout.flush()
+        sys.exit(EXIT_PREEMPTED)
     print(f"expert-tree: ensemble → {out}")
 
 

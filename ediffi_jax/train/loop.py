@@ -8,6 +8,24 @@ sharded by the logical-axis rules, the batch split over ("data", "fsdp"), compil
 state. Multi-host (`config.distributed`): every process runs this same function; each reads its own block of
 every global batch, only process 0 writes config.json, TensorBoard, samples and the random encoders, and all
 processes take part in Orbax saves and restores. The workdir must be one directory all processes see.
+
+Fault tolerance:
+- SIGTERM (TPU preemption, SLURM `--signal=TERM@300`, `launch/tpu_pod.sh stop`): the loop finishes the step in
+  flight, writes a checkpoint at that step and waits until it is complete, logs one line and raises `Preempted`
+  (ediffi-train then exits with status 75). One process: a Python handler sets a flag, read after every step for
+  free; a second SIGTERM ends the process at once. Under jax.distributed, JAX's preemption service (its own
+  SIGTERM notifier) makes every process stop at the same step (`reached_preemption_sync_point`, asked after
+  every step; no collective in the loop). The handler is in place from the first step on; a SIGTERM during
+  set-up ends the process (nothing trained yet is lost).
+- Restart resumes from the newest checkpoint that restores (`Checkpointer.restore_latest`): an unfinished or
+  unreadable newer one is reported by step and moved aside to `checkpoints/<step>.corrupt`, never deleted.
+- A non-finite loss or gradient skips that update inside the compiled step (train/step.py; `state.step` still
+  advances). Windows with skips log a warning and the `skipped_steps` / `consecutive_skips` scalars; once
+  `train.max_consecutive_skips` updates in a row were skipped the loop raises `NonFiniteUpdates` (ediffi-train:
+  one error line, status 1) without writing a checkpoint: the last one is kept. The count is read where the loop
+  reads the device anyway: at log and checkpoint steps.
+- Test hook: `EDIFFI_TEST_SIGNAL=STEP:NAME` (e.g. `5:KILL`, `4:TERM`) makes the process wait for its pending
+  checkpoint writes after step STEP and then send itself signal NAME, so tests interrupt a run at a known step.
 """
 
 from __future__ import annotations
@@ -18,6 +36,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import time
 from typing import Any
 
@@ -49,6 +68,59 @@ from ediffi_jax.train.step import (
 )
 
 log = logging.getLogger(__name__)
+
+
+class Preempted(Exception):
+    """`train` stopped on SIGTERM after writing a complete checkpoint at `step`: run it again to resume."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped on SIGTERM after step {step}, with a checkpoint there")
+        self.step = step
+
+
+class NonFiniteUpdates(FloatingPointError):
+    """`train` stopped after `train.max_consecutive_skips` consecutive non-finite updates (none was applied)."""
+
+
+class _StopOnSigterm:
+    """`stop(step)`: whether to stop after `step` because of SIGTERM; all processes of a run answer alike."""
+
+    def __init__(self) -> None:
+        self._flag, self._previous = False, None
+        self._jax_service = jax.distributed.is_initialized() and jax.config.jax_enable_preemption_service
+        if self._jax_service:
+            return  # JAX's notifier owns SIGTERM; a Python handler would replace it
+        if jax.process_count() > 1:
+            log.warning("jax_enable_preemption_service is off: SIGTERM ends this multi-process run without a "
+                        "checkpoint")
+            return
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: SIGTERM keeps its action
+            log.info("train() runs outside the main thread: SIGTERM does not checkpoint")
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self._flag = True
+        signal.signal(signal.SIGTERM, self._previous)  # a second SIGTERM acts as before (by default: end now)
+
+    def __call__(self, step: int) -> bool:
+        if self._jax_service:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self._flag
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
+def _test_signal() -> tuple[int, signal.Signals] | None:
+    """The `EDIFFI_TEST_SIGNAL=STEP:NAME` test hook (module docstring)."""
+    spec = os.environ.get("EDIFFI_TEST_SIGNAL")
+    if not spec:
+        return None
+    step, name = spec.split(":")
+    return int(step), signal.Signals["SIG" + name.upper().removeprefix("SIG")]
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -202,8 +274,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     # ---------------------------------------------------------------- state: resume, parent, or fresh (sharded)
     ckpt = Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
     start, data_state = 0, None
-    if ckpt.latest_step() is not None:
-        state, data_state, start = ckpt.restore(sharding.with_shardings(abstract_state, state_shardings))
+    restored = ckpt.restore_latest(sharding.with_shardings(abstract_state, state_shardings))
+    if restored is not None:
+        state, data_state, start = restored
         log.info("resumed from step %d", start)
     elif parent:  # fresh optimizer at step 0 on the parent's parameters, restored straight onto this mesh
         params = params_from_parent(config, parent, abstract_params, mesh)
@@ -241,50 +314,89 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
     writer = SummaryWriter(os.path.join(workdir, "tb")) if jax.process_index() == 0 else None
     metrics: dict[str, float] = {}
-    total = config.train.num_steps
+    total, limit = config.train.num_steps, config.train.max_consecutive_skips
     t_last, n_last, window = time.perf_counter(), 0, None
     bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
                disable=jax.process_index() != 0)
+    stop, hook = _StopOnSigterm(), _test_signal()
     try:
-        for step in range(start, total):
-            batch = first if step == start else _device_batch(next(train_iter), device_keys)
-            state, m = step_fn(state, sharding.global_batch(batch, mesh), enc_params, key)
-            window = m if window is None else _accumulate(window, m)  # stays on device
-            n_last += 1
-            bar.update(1)
-            done = step + 1
-            if done % config.train.log_every == 0 or done == total:
-                # Means over the steps since the last log line (not one noisy step).
-                metrics = {k: float(v) / (1 if k in _EXTREMES else n_last) for k, v in jax.device_get(window).items()}
-                dt = time.perf_counter() - t_last
-                metrics["images_per_s"] = n_last * config.train.batch_size / dt
-                metrics["s_per_step"] = dt / n_last
-                t_last, n_last, window = time.perf_counter(), 0, None
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.1f}")
-                if writer:
-                    for k, v in metrics.items():
-                        writer.add_scalar(f"train/{k}", v, done)
-                if not np.isfinite(metrics["loss"]):
-                    raise FloatingPointError(f"loss is {metrics['loss']} at step {done}; last checkpoint kept")
-            if done % config.train.ckpt_every == 0 or done == total:
-                ckpt.save(done, state, train_iter.get_state(), config, force=done == total)
-            periodic_eval = config.train.eval_every and done % config.train.eval_every == 0 and done != total
-            if val_src is not None and periodic_eval:
-                _log_eval(evaluate(config, encoders, graphdef, state, val_src, workdir, done), writer, done)
-    finally:
-        bar.close()
-        ckpt.close()  # waits for an in-flight async save, so an interrupted run keeps its last checkpoint
+        try:
+            for step in range(start, total):
+                batch = first if step == start else _device_batch(next(train_iter), device_keys)
+                state, m = step_fn(state, sharding.global_batch(batch, mesh), enc_params, key)
+                window = m if window is None else _accumulate(window, m)  # stays on device
+                n_last += 1
+                bar.update(1)
+                done = step + 1
+                if hook and done == hook[0]:
+                    ckpt.wait()
+                    os.kill(os.getpid(), hook[1])
+                stopping = stop(done)
+                save = done % config.train.ckpt_every == 0 or done == total or stopping
+                if done % config.train.log_every == 0 or done == total or stopping:
+                    metrics = _log_window(window, n_last, time.perf_counter() - t_last, done,
+                                          config.train.batch_size, writer, bar)
+                    t_last, n_last, window = time.perf_counter(), 0, None
+                    _check_skips(metrics["consecutive_skips"], limit, done, ckpt)
+                elif save:  # never checkpoint past the limit
+                    _check_skips(float(jax.device_get(window["consecutive_skips"])), limit, done, ckpt)
+                if save:
+                    ckpt.save(done, state, train_iter.get_state(), config, force=done == total or stopping)
+                if stopping:
+                    ckpt.wait()
+                    log.warning("SIGTERM: stopped after step %d and wrote a checkpoint there; run the same "
+                                "command to resume", done)
+                    raise Preempted(done)
+                periodic_eval = config.train.eval_every and done % config.train.eval_every == 0 and done != total
+                if val_src is not None and periodic_eval:
+                    _log_eval(evaluate(config, encoders, graphdef, state, val_src, workdir, done), writer, done)
+        finally:
+            stop.close()
+            bar.close()
+            ckpt.close()  # waits for an in-flight async save, so an interrupted run keeps its last checkpoint
 
-    # ---------------------------------------------------------------- final evaluation
-    if val_src is not None and config.train.eval_num > 0:
-        metrics.update(_log_eval(evaluate(config, encoders, graphdef, state, val_src, workdir, total),
-                                 writer, total))
-    if writer:
-        writer.close()
+        # ------------------------------------------------------------ final evaluation
+        if val_src is not None and config.train.eval_num > 0:
+            metrics.update(_log_eval(evaluate(config, encoders, graphdef, state, val_src, workdir, total),
+                                     writer, total))
+    finally:
+        if writer:
+            writer.close()
     return metrics
 
 
-_EXTREMES = {"sigma_min": jnp.minimum, "sigma_max": jnp.maximum}  # window min / max; the rest are means
+def _log_window(window: dict, n: int, dt: float, step: int, batch_size: int, writer: SummaryWriter | None,
+                bar: tqdm) -> dict[str, float]:
+    """The metrics of the `n` steps up to `step`: means over the applied updates (not one noisy step), σ extremes,
+    skip counts; to TensorBoard, the progress bar, and a warning when updates were skipped."""
+    sums = jax.device_get(window)
+    applied = n - round(float(sums["skipped_steps"]))
+    metrics = {k: float(v) if k in _EXTREMES or k in _COUNTS else float(v) / applied if applied else float("nan")
+               for k, v in sums.items()}
+    metrics["images_per_s"] = n * batch_size / dt
+    metrics["s_per_step"] = dt / n
+    if applied < n:
+        log.warning("step %d: %d of the last %d updates skipped (non-finite loss or gradient), up to %d in a row",
+                    step, n - applied, n, metrics["consecutive_skips"])
+    bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.1f}")
+    if writer:
+        for k, v in metrics.items():
+            writer.add_scalar(f"train/{k}", v, step)
+    return metrics
+
+
+def _check_skips(consecutive: float, limit: int, step: int, ckpt: Checkpointer) -> None:
+    if limit and consecutive >= limit:
+        last = ckpt.latest_step()
+        raise NonFiniteUpdates(
+            f"{int(consecutive)} consecutive updates skipped for a non-finite loss or gradient "
+            f"(train.max_consecutive_skips={limit}): stopped at step {step}; "
+            + (f"the last checkpoint (step {last}) is kept" if last is not None else "no checkpoint was written"))
+
+
+# Window min / max; `skipped_steps` is a count; the rest are means over the applied (not skipped) updates.
+_EXTREMES = {"sigma_min": jnp.minimum, "sigma_max": jnp.maximum, "consecutive_skips": jnp.maximum}
+_COUNTS = ("skipped_steps",)
 
 
 def _accumulate(window: dict, m: dict) -> dict:

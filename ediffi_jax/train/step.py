@@ -3,6 +3,12 @@
 The step is a pure function of (state, batch, encoder params, key): `nnx.merge` of the graph definition with
 the parameter state happens inside the trace, so `jax.jit` sees only arrays (cheaper per call than `nnx.jit`).
 Randomness is `fold_in(key, step)`, so a resumed run draws exactly what an uninterrupted one would.
+
+A step whose loss or gradient norm is not finite is skipped inside the compiled step (no host round trip):
+parameters, EMA and optimizer state keep their values (`jnp.where`, fused into the update), while `state.step`
+still advances — the next step draws new noise and the loop reads the next batch, rather than retrying the
+same batch with the same randomness forever. `state.skips` counts the consecutive skipped updates (0 after an
+applied one); it is saved with checkpoints, so a restart inside a run of skips keeps counting.
 """
 
 from __future__ import annotations
@@ -26,10 +32,11 @@ EncodeFn = Callable[[Any, Mapping[str, jax.Array]], dict[str, dict[str, jax.Arra
 
 @struct.dataclass
 class TrainState:
-    step: jax.Array
+    step: jax.Array  # updates attempted (applied or skipped): the data and randomness position
     params: nnx.State
     ema: nnx.State
     opt_state: optax.OptState
+    skips: jax.Array  # consecutive skipped (non-finite) updates up to `step`
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -54,8 +61,8 @@ def split_model(model: ConditionedUNet) -> tuple[nnx.GraphDef, nnx.State]:
 
 
 def init_train_state(params: nnx.State, tx: optax.GradientTransformation) -> TrainState:
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      ema=jax.tree.map(jnp.copy, params), opt_state=tx.init(params))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema=jax.tree.map(jnp.copy, params),
+                      opt_state=tx.init(params), skips=jnp.zeros((), jnp.int32))
 
 
 def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
@@ -92,7 +99,12 @@ def train_step(
     tx: optax.GradientTransformation,
     spec: StepSpec,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One EDM step: encode text (frozen), draw σ and keep-flags, weighted loss, AdamW update, EMA."""
+    """One EDM step: encode text (frozen), draw σ and keep-flags, weighted loss, AdamW update, EMA.
+
+    With a non-finite loss or gradient norm the update is skipped (see the module docstring). Metrics include
+    `skipped_steps` (1.0 or 0.0; the loop sums it over a log window) and `consecutive_skips`; the means (loss,
+    norms) read 0 on a skipped step, so that the loop averages them over the applied steps only.
+    """
     y = batch["image"]
     b = y.shape[0]
     k_sigma, k_noise, k_drop, k_dropout = jax.random.split(jax.random.fold_in(key, state.step), 4)
@@ -113,22 +125,37 @@ def train_step(
         return jnp.mean(per_example), per_example
 
     (loss, per_example), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.tree.norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     d = ema_decay_at(state.step, spec.ema_decay)
     ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema, params)
-    metrics = {
+
+    def keep_if_skipped(new: Any, old: Any) -> Any:
+        return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+    params = keep_if_skipped(params, state.params)
+    new_state = TrainState(step=state.step + 1, params=params, ema=keep_if_skipped(ema, state.ema),
+                           opt_state=keep_if_skipped(opt_state, state.opt_state),
+                           skips=jnp.where(ok, 0, state.skips + 1))
+    means = {
         "loss": loss,
-        "grad_norm": optax.tree.norm(grads),
+        "grad_norm": grad_norm,
         "param_norm": optax.tree.norm(params),
         # Unweighted reconstruction error is easier to read across σ: split at σ_data.
         "loss_low_sigma": _masked_mean(per_example, sigma < spec.sigma_data),
         "loss_high_sigma": _masked_mean(per_example, sigma >= spec.sigma_data),
+    }
+    metrics = {k: jnp.where(ok, v, 0.0) for k, v in means.items()}
+    metrics.update({
         # The σ actually drawn (experts: inside their interval); aggregated as min / max, not means.
         "sigma_min": jnp.min(sigma),
         "sigma_max": jnp.max(sigma),
-    }
-    return TrainState(step=state.step + 1, params=params, ema=ema, opt_state=opt_state), metrics
+        "skipped_steps": 1.0 - ok.astype(jnp.float32),
+        "consecutive_skips": new_state.skips.astype(jnp.float32),
+    })
+    return new_state, metrics
 
 
 def _net(model: ConditionedUNet, embeddings, keep, rngs, x_in: jax.Array, c_noise: jax.Array) -> jax.Array:
