@@ -320,7 +320,8 @@ def tree_from_config(config: Any) -> ExpertTree:
     """The expert tree of a run: `config.expert.layout` (a PRESETS name or comma-separated leaf specs) over the
     training distribution ln σ ~ N(config.edm.p_mean, config.edm.p_std²)."""
     dist = LogNormalSigma(float(config.edm.p_mean), float(config.edm.p_std))
-    layout = str(config.expert.layout)
+    expert = config.get("expert") or {}
+    layout = str(expert.get("layout", "A"))  # runs from before the expert section: a single model
     if layout in PRESETS:
         return ExpertTree.preset(layout, dist)
     try:

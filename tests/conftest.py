@@ -44,6 +44,7 @@ def trained_run(tmp_path_factory, data_dir):
     from ediffi_jax.train.loop import train
 
     config = micro_config(data_dir)
+    config.train.update(dict(num_steps=160, log_every=20, ckpt_every=80))  # enough to read the text; cheap
     workdir = str(tmp_path_factory.mktemp("run"))
     metrics = train(config, workdir)
     return config, workdir, metrics

@@ -14,13 +14,14 @@ from ediffi_jax.models.conditioning import ConditionedUNet, keep_all, sample_kee
 
 @pytest.fixture(scope="module")
 def model():
+    """The micro ConditionedUNet with every parameter random (the UNet's output layer is zero at init), built
+    abstractly and filled in — no eager initialisation."""
     config = micro_config("/nonexistent")
-    m = ConditionedUNet(config, rngs=nnx.Rngs(0))
-    # The UNet's output layer is zero at init; perturb every parameter so outputs depend on all inputs.
-    graphdef, params = nnx.split(m)
-    leaves, tree = jax.tree.flatten(params)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: ConditionedUNet(config, rngs=nnx.Rngs(0))))
+    leaves, tree = jax.tree.flatten(abstract)
     keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-    leaves = [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
+    leaves = [0.5 + 0.1 * jax.random.normal(k, p.shape) if len(p.shape) == 1 else
+              jax.random.normal(k, p.shape) / np.sqrt(np.prod(p.shape[:-1])) for p, k in zip(leaves, keys)]
     return nnx.merge(graphdef, jax.tree.unflatten(tree, leaves))
 
 

@@ -24,8 +24,13 @@ def _denoisers(pipe, keep_value):
     model = nnx.merge(pipe.graphdef, pipe.params)
     emb = pipe.encoders.encode_prompts(PROMPTS)
     keep = keep_all(emb, keep_value)
-    plain = lambda x, s: edm.precondition(lambda xi, cn: model(xi, cn, emb, keep), x, s)  # noqa: E731
+    plain = jax.jit(lambda x, s: edm.precondition(lambda xi, cn: model(xi, cn, emb, keep), x, s))
     return model, emb, plain
+
+
+def _guided(model, emb):
+    """jit(x, sigma, s_text, s_image) of the guided denoiser (the scales are traced: one compile)."""
+    return jax.jit(lambda x, sigma, st, si: guided_denoiser(model, emb, st, image_guidance_scale=si)(x, sigma))
 
 
 @pytest.mark.parametrize("scale,branch", [(1.0, True), (0.0, False)])
@@ -34,7 +39,7 @@ def test_guidance_endpoints_equal_the_plain_branches(pipe, scale, branch):
     r = pipe.config.model.image_size
     x = jax.random.normal(jax.random.PRNGKey(0), (2, r, r, 3)) * 2.0
     sigma = jnp.array([0.3, 5.0])
-    got = guided_denoiser(model, emb, scale)(x, sigma)
+    got = _guided(model, emb)(x, sigma, scale, scale)
     np.testing.assert_allclose(got, plain(x, sigma), atol=2e-5, rtol=1e-5)
     # The conditional and unconditional branches really differ (the model reads the text).
     _, _, other = _denoisers(pipe, not branch)
@@ -46,7 +51,8 @@ def test_guidance_extrapolates_linearly(pipe):
     r = pipe.config.model.image_size
     x = jax.random.normal(jax.random.PRNGKey(1), (2, r, r, 3))
     sigma = jnp.array([1.0, 1.0])
-    d0, d1, d3 = (guided_denoiser(model, emb, s)(x, sigma) for s in (0.0, 1.0, 3.0))
+    g = _guided(model, emb)
+    d0, d1, d3 = (g(x, sigma, s, s) for s in (0.0, 1.0, 3.0))
     np.testing.assert_allclose(d3, d0 + 3.0 * (d1 - d0), atol=5e-5)
 
 
@@ -86,12 +92,17 @@ def test_text_and_image_guidance_chain(pipe):
     x = jax.random.normal(jax.random.PRNGKey(4), (2, r, r, 3))
     sigma = jnp.array([0.5, 2.0])
 
-    def plain(kept):
-        keep = {n: jnp.full((2,), n in kept) for n in emb}
+    @jax.jit
+    def plain_keep(keep):
         return edm.precondition(lambda xi, cn: model(xi, cn, emb, keep), x, sigma)
 
+    def plain(kept):
+        return plain_keep({n: jnp.full((2,), n in kept) for n in emb})
+
+    guided = _guided(model, emb)
+
     def g(st, si):
-        return guided_denoiser(model, emb, st, image_guidance_scale=si)(x, sigma)
+        return guided(x, sigma, st, si)
 
     np.testing.assert_allclose(g(1.0, 1.0), plain({"clip_text", "t5", "clip_image"}), atol=2e-5)
     np.testing.assert_allclose(g(0.0, 0.0), plain(set()), atol=2e-5)

@@ -19,7 +19,7 @@ def test_training_lowers_the_loss(trained_run):
     losses = [v for _, v in read_scalars(os.path.join(workdir, "tb"))["train/loss"]]
     assert len(losses) == config.train.num_steps // config.train.log_every
     first, last = np.mean(losses[:2]), np.mean(losses[-2:])
-    print(f"loss over the first 50 steps {first:.4f}, last 50 steps {last:.4f}")
+    print(f"loss over the first 2 log windows {first:.4f}, last 2 {last:.4f}")
     assert last < 0.7 * first
     assert np.isfinite(metrics["eval_overall"]) and 0.0 <= metrics["eval_overall"] <= 1.0
     assert os.path.isfile(os.path.join(workdir, "samples", f"step_{config.train.num_steps:08d}.png"))
@@ -49,8 +49,9 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
 
 def test_resume_equals_uninterrupted(tmp_path, data_dir):
     config = micro_config(data_dir)
+    config.model.update(dict(channel_mult=(1,), attn_resolutions=(), cross_attn_resolutions=(16,)))  # fast compile
     config.train.update(dict(num_steps=6, log_every=2, ckpt_every=3, eval_num=8))
-    config.data.num_val = 0  # no validation split: training runs, evaluation is skipped
+    config.data.update(dict(num_train=64, num_val=0))  # no validation split: training runs, evaluation is skipped
     straight = str(tmp_path / "straight")
     train(config, straight)
     resumed = str(tmp_path / "resumed")
