@@ -53,20 +53,29 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
     """A ("data", "fsdp", "tensor") mesh over ``devices`` (default all); ``-1`` takes the remaining devices."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    sizes = resolve_sizes({"data": data, "fsdp": fsdp, "tensor": tensor}, len(devices))
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def resolve_sizes(sizes: Mapping[str, int], n: int, per_granule: bool = False) -> dict[str, int]:
+    """Axis sizes over `n` devices, at most one -1 taking the rest; one-line errors naming the bad sizes.
+    `per_granule`: `n` counts the devices of one slice/process of a hybrid mesh (said so in the messages)."""
+    sizes = dict(sizes)
     free = [k for k, v in sizes.items() if v == -1]
     bad = [f"{k}={v}" for k, v in sizes.items() if v == 0 or v < -1]
     if bad or len(free) > 1:
         raise ValueError(f"mesh sizes must be positive (at most one -1), got {', '.join(bad or free)}")
     fixed = math.prod(v for v in sizes.values() if v != -1)
     if free:
-        if len(devices) % fixed:
-            raise ValueError(f"device count {len(devices)} is not divisible by the fixed mesh sizes {sizes}")
-        sizes[free[0]] = len(devices) // fixed
-    if math.prod(sizes.values()) != len(devices):
-        raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, have {len(devices)}")
-    shape = tuple(sizes[a] for a in MESH_AXES)
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+        if n % fixed:
+            prefix = "per-granule device" if per_granule else "device"
+            raise ValueError(f"{prefix} count {n} is not divisible by the fixed mesh sizes {sizes}")
+        sizes[free[0]] = n // fixed
+    if math.prod(sizes.values()) != n:
+        suffix = "devices per granule" if per_granule else "devices"
+        raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} {suffix}, have {n}")
+    return sizes
 
 
 def _axis_sizes(mesh: MeshLike) -> dict[str, int]:

@@ -25,7 +25,15 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ediffi_jax.sharding import DEFAULT_RULES, MESH_AXES, Rules, batch_sharding, logical_to_spec, make_mesh
+from ediffi_jax.sharding import (
+    DEFAULT_RULES,
+    MESH_AXES,
+    Rules,
+    batch_sharding,
+    logical_to_spec,
+    make_mesh,
+    resolve_sizes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,23 +65,6 @@ def _mesh_entry(cfg: Mapping[str, Any], key: str, default: int) -> int:
     return int(value)
 
 
-def _resolve_sizes(sizes: dict[str, int], n: int) -> dict[str, int]:
-    """Axis sizes over `n` devices (a -1 takes the rest), checked as `make_mesh` checks them."""
-    sizes = dict(sizes)
-    free = [k for k, v in sizes.items() if v == -1]
-    bad = [f"{k}={v}" for k, v in sizes.items() if v == 0 or v < -1]
-    if bad or len(free) > 1:
-        raise ValueError(f"mesh sizes must be positive (at most one -1), got {', '.join(bad or free)}")
-    fixed = math.prod(v for v in sizes.values() if v != -1)
-    if free:
-        if n % fixed:
-            raise ValueError(f"per-granule device count {n} is not divisible by the fixed mesh sizes {sizes}")
-        sizes[free[0]] = n // fixed
-    if math.prod(sizes.values()) != n:
-        raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} devices per granule, have {n}")
-    return sizes
-
-
 def mesh_from_config(cfg: Mapping[str, Any] | None, devices: Sequence[Any] | None = None) -> Mesh:
     """The ("data", "fsdp", "tensor") mesh of `config.mesh` over `devices` (default: all of them).
 
@@ -96,7 +87,7 @@ def mesh_from_config(cfg: Mapping[str, Any] | None, devices: Sequence[Any] | Non
             return make_mesh(**ici, devices=devices)
         if len(devices) % granules:
             raise ValueError(f"device count {len(devices)} is not divisible by the DCN factors {dcn}")
-        ici = _resolve_sizes(ici, len(devices) // granules)
+        ici = resolve_sizes(ici, len(devices) // granules, per_granule=True)
     except ValueError as e:
         raise ValueError(f"config.mesh: {e}") from None
     slices = len({getattr(d, "slice_index", 0) for d in devices})
