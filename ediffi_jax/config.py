@@ -89,9 +89,11 @@ def default_config() -> ml_collections.ConfigDict:
 
     # Sampler: EDM Heun with optional churn; guidance D = D_u + s·(D_text − D_u) [+ s_img·(D_text+img − D_text)
     # when a reference image is given], s = guidance_scale, s_img = image_guidance_scale (sampling.py).
+    # Paint-with-words (paint_with_words.py): bias w·A with w = paint_weight·log(1+σ)·max(QKᵀ) for "paper";
+    # paint_fn picks the weight function (paper, global_max, row_max, std, constant).
     c.sample = ml_collections.ConfigDict(dict(
         num_steps=32, sigma_min=0.002, sigma_max=80.0, rho=7.0, s_churn=0.0, s_min=0.0, s_max=float("inf"),
-        s_noise=1.0, guidance_scale=3.0, image_guidance_scale=3.0))
+        s_noise=1.0, guidance_scale=3.0, image_guidance_scale=3.0, paint_weight=1.0, paint_fn="paper"))
 
     # Device mesh of the train step (train/sharding.py): axes ("data", "fsdp", "tensor"); -1 fills the remaining
     # devices (at most one). The batch is split over data x fsdp; parameters, EMA and optimizer state over fsdp

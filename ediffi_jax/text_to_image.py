@@ -12,6 +12,7 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,7 @@ from ediffi_jax import edm
 from ediffi_jax.encoders import FrozenEncoders, save_encoders, setup_encoders
 from ediffi_jax.experts import ExpertTree
 from ediffi_jax.models.conditioning import Embedding
+from ediffi_jax.paint_with_words import Region, build_maps, cross_attention_sizes, make_attn_bias_fn, weight_fn
 from ediffi_jax.sampling import HeunConfig, chained_guidance, heun_sample
 from ediffi_jax.train.checkpoint import Checkpointer, abstract_like, config_to_dict
 from ediffi_jax.train.step import build_model, init_train_state, make_optimizer, split_model
@@ -58,12 +60,16 @@ def guided_denoiser(
     guidance_scale: jax.Array | float,
     sigma_data: float = edm.SIGMA_DATA,
     image_guidance_scale: jax.Array | float | None = None,
+    paint: Mapping[str, Any] | None = None,
+    paint_fn: str = "paper",
 ):
     """D̃(x; σ) with per-embedding guidance, every branch in one forward pass of batch K·B.
 
     D̃ = D_u + s_text·(D_text − D_u) [+ s_image·(D_text+image − D_text) when an image embedding is given];
     `image_guidance_scale=None` means the text scale. A branch keeps the listed embeddings and drops the rest
     (dropped = masked out, only the null token is attended when all are dropped: the unconditional branch).
+    `paint` ({"maps": PaintMaps.arrays, "weight": w′}, see paint_with_words.py) biases the cross-attention of
+    the conditional branches (paint-with-words); the unconditional branch is left as it is.
     """
     branches = guidance_branches(list(embeddings))
     k_b = len(branches)
@@ -73,15 +79,23 @@ def guided_denoiser(
     scales = [guidance_scale] * has_text + [image_scale] * (len(branches) - 1 - has_text)
     scales = jnp.stack([jnp.asarray(s, jnp.float32) for s in scales])
 
+    maps = None
+    if paint is not None:  # A per branch: zeros for the unconditional one (only conditional branches are biased)
+        maps = {k: jnp.concatenate([jnp.zeros_like(a)] + [a] * (k_b - 1)) for k, a in paint["maps"].items()}
+
     def denoise(x: jax.Array, sigma: jax.Array) -> jax.Array:
         b = x.shape[0]
         branch = jnp.repeat(jnp.arange(k_b), b)
         keep = {n: jnp.asarray([n in br for br in branches])[branch] for n in many}
+        sigma_kb = jnp.concatenate([jnp.broadcast_to(sigma, (b,))] * k_b)
+        kw = {}
+        if maps is not None:
+            kw["attn_bias_fn"] = make_attn_bias_fn(maps, sigma_kb, paint["weight"], paint_fn)
 
         def net(x_in: jax.Array, c_noise: jax.Array) -> jax.Array:
-            return model(x_in, c_noise, many, keep)
+            return model(x_in, c_noise, many, keep, **kw)
 
-        d = edm.precondition(net, jnp.concatenate([x] * k_b), jnp.concatenate([sigma] * k_b), sigma_data)
+        d = edm.precondition(net, jnp.concatenate([x] * k_b), sigma_kb, sigma_data)
         return chained_guidance([d[i * b:(i + 1) * b] for i in range(k_b)], scales)
 
     return denoise
@@ -104,17 +118,23 @@ def make_sampler(
     sigma_data: float = edm.SIGMA_DATA,
     progress: StepProgress | None = None,
     tree: ExpertTree | None = None,
+    paint_fn: str = "paper",
 ):
-    """jit(params, embeddings, noise, key, guidance_scale, image_guidance_scale) → images in [-1, 1] (float32).
+    """jit(params, embeddings, noise, key, guidance_scale, image_guidance_scale, paint=None) → images in [-1, 1]
+    (float32). `paint`: None, or {"maps": PaintMaps.arrays, "weight": w′} for paint-with-words with the weight
+    function `paint_fn` (one more compile per shape; None costs nothing).
 
     With an expert `tree`, `params` is a sequence of one parameter state per leaf (all sharing `graphdef`); each
     Heun evaluation runs only the expert owning its σ (`sampling.heun_sample`), one compile per shape.
     """
 
+    weight_fn(paint_fn)  # unknown names fail here, not at trace time
+
     @jax.jit
-    def sample(params, embeddings, noise, key, guidance_scale, image_guidance_scale):
+    def sample(params, embeddings, noise, key, guidance_scale, image_guidance_scale, paint=None):
         leaves = list(params) if tree is not None else [params]
-        dens = [guided_denoiser(nnx.merge(graphdef, p), embeddings, guidance_scale, sigma_data, image_guidance_scale)
+        dens = [guided_denoiser(nnx.merge(graphdef, p), embeddings, guidance_scale, sigma_data, image_guidance_scale,
+                                paint, paint_fn)
                 for p in leaves]
         route = tree.route_host if tree is not None and len(leaves) > 1 else None
         return heun_sample(dens, noise, heun, key if heun.s_churn > 0 else None, progress=progress, route=route)
@@ -221,12 +241,19 @@ class TextToImage:
         image_guidance_scale: float | None = None,
         heun: HeunConfig | None = None,
         progress: bool = False,
+        regions: Sequence[Region] | Sequence[Sequence[Region]] | None = None,
+        paint_weight: float | None = None,
+        paint_fn: str | None = None,
     ) -> np.ndarray:
         """uint8 images [len(prompts), R, R, 3]; `progress` shows a tqdm bar over the Heun steps.
 
         `images` (optional, [len(prompts), H, W, 3], uint8 or [-1, 1]): reference images whose CLIP image
         embedding conditions the samples (style), guided with `image_guidance_scale`; without them the image
         embedding is dropped. Scales default to `config.sample.guidance_scale` / `image_guidance_scale`.
+
+        `regions` (paint-with-words, see paint_with_words.py): one list of `Region`s for every prompt, or one list
+        per prompt; `paint_weight` w′ and `paint_fn` default to `config.sample.paint_weight` / `paint_fn`. No
+        regions (or empty lists) sample exactly as without paint-with-words.
         """
         if not prompts:
             raise ValueError("no prompts given")
@@ -238,20 +265,47 @@ class TextToImage:
                              f"{self.encoders.names}); images cannot be used")
         embeddings = self.encoders.encode_prompts(prompts, images)
         r = self.config.model.image_size
+        pw_fn = paint_fn or self.config.sample.get("paint_fn", "paper")
+        paint = None
+        if regions is not None and len(regions) and any(len(x) for x in self._per_prompt(regions, len(prompts))):
+            w = self.config.sample.get("paint_weight", 1.0) if paint_weight is None else paint_weight
+            paint = {"maps": self.paint_maps(prompts, regions, embeddings, (r, r)).arrays,
+                     "weight": jnp.float32(w)}
         key = jax.random.PRNGKey(seed)
         noise = jax.random.normal(jax.random.fold_in(key, 0), (len(prompts), r, r, self.config.model.out_channels))
-        if heun not in self._samplers:  # one compile per sampler config (and shape)
-            self._samplers[heun] = make_sampler(self.graphdef, heun, self.config.edm.sigma_data, self._progress,
-                                                self.tree)
-        sample = self._samplers[heun]
+        if (heun, pw_fn) not in self._samplers:  # one compile per sampler config (and shape)
+            self._samplers[heun, pw_fn] = make_sampler(self.graphdef, heun, self.config.edm.sigma_data,
+                                                       self._progress, self.tree, pw_fn)
+        sample = self._samplers[heun, pw_fn]
         params = tuple(self.experts) if self.tree is not None else self.params
         with tqdm(total=heun.num_steps, desc="sample", unit="step", disable=not progress) as bar:
             self._progress.bar = bar
             try:
                 images = sample(params, embeddings, noise, jax.random.fold_in(key, 1), jnp.float32(s),
-                                jnp.float32(si))
+                                jnp.float32(si), paint)
                 images = to_uint8(images)
                 jax.effects_barrier()
             finally:
                 self._progress.bar = None
         return images
+
+    @staticmethod
+    def _per_prompt(regions, n: int) -> list[Sequence[Region]]:
+        if regions and isinstance(regions[0], Region):
+            return [list(regions)] * n
+        if len(regions) != n:
+            raise ValueError(f"regions: expected one list of Regions for all prompts or one per prompt ({n}), "
+                             f"got {len(regions)} lists")
+        return [list(r) for r in regions]
+
+    def paint_maps(self, prompts: Sequence[str], regions, embeddings: Mapping[str, Embedding],
+                   output_size: tuple[int, int]):
+        """The paint-with-words token maps A of `prompts` for the context of `embeddings` (conditioning order,
+        the null token excluded), at every cross-attention size of the UNet for `output_size`."""
+        streams = []
+        for n in self.config.conditioning.order:
+            if n in embeddings:
+                tok = self.encoders.tokenizers.get("clip" if n == "clip_text" else n) if n != "clip_image" else None
+                streams.append((n, int(embeddings[n]["tokens"].shape[1]), tok))
+        sizes = cross_attention_sizes(self.config.model, *output_size)
+        return build_maps(prompts, self._per_prompt(regions, len(prompts)), streams, sizes, output_size)

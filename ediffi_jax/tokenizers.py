@@ -258,6 +258,17 @@ class TextTokenizer:
         mask = np.asarray(encoded["attention_mask"], dtype=bool)
         return {"ids": ids, "mask": mask}
 
+    def offsets(self, text: str) -> list[tuple[int, int]]:
+        """Character span ``(start, end)`` in ``text`` of each of the ``max_length`` positions that ``__call__``
+        produces (same truncation); special tokens and padding get ``(0, 0)``. Paint-with-words maps phrases to
+        token positions with it."""
+        encoded = self.tokenizer(
+            [text], padding="max_length", truncation=True, max_length=self.max_length, add_special_tokens=True,
+            return_offsets_mapping=True, return_special_tokens_mask=True,
+        )
+        special = encoded["special_tokens_mask"][0]
+        return [(0, 0) if sp else (int(a), int(b)) for (a, b), sp in zip(encoded["offset_mapping"][0], special)]
+
     def save(self, path: str) -> str:
         """Writes the tokenizer files (loadable with `load_tokenizer(path, max_length)`)."""
         self.tokenizer.save_pretrained(path)
