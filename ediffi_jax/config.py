@@ -9,6 +9,7 @@ from __future__ import annotations
 import ml_collections
 
 from ediffi_jax.models.unet import unet_config
+from ediffi_jax.sr import sr_config
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -75,6 +76,11 @@ def default_config() -> ml_collections.ConfigDict:
     # ("params") parameters initialise a fresh optimizer; the parent's files are only read.
     c.expert = ml_collections.ConfigDict(dict(layout="A", node="", parent="", init="ema"))
 
+    # Super-resolution stage (sr.py): factor 0 = a base model; else this model upsamples by `factor`, trained on
+    # (image, area-downsampled image) pairs [random aligned `crop`² crops], noise-conditioning augmentation
+    # ln σ_aug ~ N(aug_p_mean, aug_p_std²), and sampled with σ_aug = sample_sigma_aug.
+    c.sr = sr_config()
+
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 2048
     c.train.num_steps = 1_000_000
@@ -133,4 +139,18 @@ def tiny_config() -> ml_collections.ConfigDict:
     c.optim.update(dict(lr=1e-3, warmup_steps=100, ema_decay=0.999))
     c.train.update(dict(batch_size=16, num_steps=6000, log_every=50, ckpt_every=500, eval_num=16))
     c.sample.update(dict(num_steps=18, sigma_max=80.0, guidance_scale=3.0))
+    return c
+
+
+def tiny_sr_config() -> ml_collections.ConfigDict:
+    """Stage 2 of the tiny CPU cascade: 32² → 64² shapes, a small SR UNet (cross-attention at 16² only, no
+    self-attention), the tiny encoders."""
+    c = tiny_config()
+    c.model = unet_config(
+        image_size=64, channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1, attn_resolutions=(),
+        cross_attn_resolutions=(16,), head_dim=32, num_groups=8, dropout=0.0, context_dim=64, pooled_dim=64,
+        emb_mult=4, in_cond_channels=3, extra_cond_dim=1)
+    c.data.resolution = 64
+    c.sr = sr_config(factor=2)
+    c.sample.update(dict(num_steps=12))
     return c

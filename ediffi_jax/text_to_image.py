@@ -23,7 +23,7 @@ from flax import nnx
 from PIL import Image
 from tqdm import tqdm
 
-from ediffi_jax import edm
+from ediffi_jax import edm, sr
 from ediffi_jax.encoders import FrozenEncoders, save_encoders, setup_encoders
 from ediffi_jax.experts import ExpertTree
 from ediffi_jax.models.conditioning import Embedding
@@ -62,6 +62,7 @@ def guided_denoiser(
     image_guidance_scale: jax.Array | float | None = None,
     paint: Mapping[str, Any] | None = None,
     paint_fn: str = "paper",
+    cond: Mapping[str, jax.Array] | None = None,
 ):
     """D̃(x; σ) with per-embedding guidance, every branch in one forward pass of batch K·B.
 
@@ -69,7 +70,8 @@ def guided_denoiser(
     `image_guidance_scale=None` means the text scale. A branch keeps the listed embeddings and drops the rest
     (dropped = masked out, only the null token is attended when all are dropped: the unconditional branch).
     `paint` ({"maps": PaintMaps.arrays, "weight": w′}, see paint_with_words.py) biases the cross-attention of
-    the conditional branches (paint-with-words); the unconditional branch is left as it is.
+    the conditional branches (paint-with-words); the unconditional branch is left as it is. `cond` (SR stages,
+    see sr.conditioning: {"x_cond", "extra_cond"}) is given to every branch.
     """
     branches = guidance_branches(list(embeddings))
     k_b = len(branches)
@@ -79,6 +81,7 @@ def guided_denoiser(
     scales = [guidance_scale] * has_text + [image_scale] * (len(branches) - 1 - has_text)
     scales = jnp.stack([jnp.asarray(s, jnp.float32) for s in scales])
 
+    cond_kb = {k: jnp.concatenate([v] * k_b) for k, v in (cond or {}).items()}
     maps = None
     if paint is not None:  # A per branch: zeros for the unconditional one (only conditional branches are biased)
         maps = {k: jnp.concatenate([jnp.zeros_like(a)] + [a] * (k_b - 1)) for k, a in paint["maps"].items()}
@@ -88,7 +91,7 @@ def guided_denoiser(
         branch = jnp.repeat(jnp.arange(k_b), b)
         keep = {n: jnp.asarray([n in br for br in branches])[branch] for n in many}
         sigma_kb = jnp.concatenate([jnp.broadcast_to(sigma, (b,))] * k_b)
-        kw = {}
+        kw = dict(cond_kb)
         if maps is not None:
             kw["attn_bias_fn"] = make_attn_bias_fn(maps, sigma_kb, paint["weight"], paint_fn)
 
@@ -120,9 +123,10 @@ def make_sampler(
     tree: ExpertTree | None = None,
     paint_fn: str = "paper",
 ):
-    """jit(params, embeddings, noise, key, guidance_scale, image_guidance_scale, paint=None) → images in [-1, 1]
-    (float32). `paint`: None, or {"maps": PaintMaps.arrays, "weight": w′} for paint-with-words with the weight
-    function `paint_fn` (one more compile per shape; None costs nothing).
+    """jit(params, embeddings, noise, key, guidance_scale, image_guidance_scale, paint=None, cond=None) → images in
+    [-1, 1] (float32). `paint`: None, or {"maps": PaintMaps.arrays, "weight": w′} for paint-with-words with the
+    weight function `paint_fn` (one more compile per shape; None costs nothing). `cond`: an SR stage's low-res
+    conditioning (`sr.conditioning`).
 
     With an expert `tree`, `params` is a sequence of one parameter state per leaf (all sharing `graphdef`); each
     Heun evaluation runs only the expert owning its σ (`sampling.heun_sample`), one compile per shape.
@@ -131,10 +135,10 @@ def make_sampler(
     weight_fn(paint_fn)  # unknown names fail here, not at trace time
 
     @jax.jit
-    def sample(params, embeddings, noise, key, guidance_scale, image_guidance_scale, paint=None):
+    def sample(params, embeddings, noise, key, guidance_scale, image_guidance_scale, paint=None, cond=None):
         leaves = list(params) if tree is not None else [params]
         dens = [guided_denoiser(nnx.merge(graphdef, p), embeddings, guidance_scale, sigma_data, image_guidance_scale,
-                                paint, paint_fn)
+                                paint, paint_fn, cond)
                 for p in leaves]
         route = tree.route_host if tree is not None and len(leaves) > 1 else None
         return heun_sample(dens, noise, heun, key if heun.s_churn > 0 else None, progress=progress, route=route)
@@ -244,6 +248,8 @@ class TextToImage:
         regions: Sequence[Region] | Sequence[Sequence[Region]] | None = None,
         paint_weight: float | None = None,
         paint_fn: str | None = None,
+        lowres: np.ndarray | None = None,
+        sigma_aug: float | None = None,
     ) -> np.ndarray:
         """uint8 images [len(prompts), R, R, 3]; `progress` shows a tqdm bar over the Heun steps.
 
@@ -254,6 +260,10 @@ class TextToImage:
         `regions` (paint-with-words, see paint_with_words.py): one list of `Region`s for every prompt, or one list
         per prompt; `paint_weight` w′ and `paint_fn` default to `config.sample.paint_weight` / `paint_fn`. No
         regions (or empty lists) sample exactly as without paint-with-words.
+
+        SR stages (`config.sr.factor` > 0) need `lowres` ([len(prompts), h, w, 3], uint8 or [-1, 1]: the previous
+        stage's output); the output is (h·factor)², the input augmented with `sigma_aug` (default
+        `config.sr.sample_sigma_aug`).
         """
         if not prompts:
             raise ValueError("no prompts given")
@@ -264,15 +274,15 @@ class TextToImage:
             raise ValueError(f"this run does not condition on an image embedding (conditioning.order="
                              f"{self.encoders.names}); images cannot be used")
         embeddings = self.encoders.encode_prompts(prompts, images)
-        r = self.config.model.image_size
+        key = jax.random.PRNGKey(seed)
+        out_hw, cond = self._sr_inputs(lowres, sigma_aug, len(prompts), jax.random.fold_in(key, 2))
         pw_fn = paint_fn or self.config.sample.get("paint_fn", "paper")
         paint = None
         if regions is not None and len(regions) and any(len(x) for x in self._per_prompt(regions, len(prompts))):
             w = self.config.sample.get("paint_weight", 1.0) if paint_weight is None else paint_weight
-            paint = {"maps": self.paint_maps(prompts, regions, embeddings, (r, r)).arrays,
+            paint = {"maps": self.paint_maps(prompts, regions, embeddings, out_hw).arrays,
                      "weight": jnp.float32(w)}
-        key = jax.random.PRNGKey(seed)
-        noise = jax.random.normal(jax.random.fold_in(key, 0), (len(prompts), r, r, self.config.model.out_channels))
+        noise = jax.random.normal(jax.random.fold_in(key, 0), (len(prompts), *out_hw, self.config.model.out_channels))
         if (heun, pw_fn) not in self._samplers:  # one compile per sampler config (and shape)
             self._samplers[heun, pw_fn] = make_sampler(self.graphdef, heun, self.config.edm.sigma_data,
                                                        self._progress, self.tree, pw_fn)
@@ -282,12 +292,36 @@ class TextToImage:
             self._progress.bar = bar
             try:
                 images = sample(params, embeddings, noise, jax.random.fold_in(key, 1), jnp.float32(s),
-                                jnp.float32(si), paint)
+                                jnp.float32(si), paint, cond)
                 images = to_uint8(images)
                 jax.effects_barrier()
             finally:
                 self._progress.bar = None
         return images
+
+    def _sr_inputs(self, lowres, sigma_aug, n: int, key: jax.Array):
+        """(output size, None) for a base model; ((h·f, w·f), sr.conditioning(...)) for an SR stage."""
+        r = int(self.config.model.image_size)
+        if not sr.is_sr(self.config):
+            if lowres is not None:
+                raise ValueError("this run is not a super-resolution stage (config.sr.factor = 0); lowres cannot "
+                                 "be used")
+            return (r, r), None
+        if lowres is None:
+            raise ValueError(f"this run is an SR stage (x{self.config.sr.factor}): pass lowres images")
+        x = np.asarray(lowres)
+        if x.ndim != 4 or x.shape[0] != n or x.shape[-1] != 3:
+            raise ValueError(f"lowres must be [{n}, h, w, 3], got shape {x.shape}")
+        sr.check_stage_input(x.shape[1:3], self.config)
+        x = x.astype(np.float32) / 127.5 - 1.0 if x.dtype == np.uint8 else x.astype(np.float32)
+        f = int(self.config.sr.factor)
+        s_aug = float(self.config.sr.sample_sigma_aug if sigma_aug is None else sigma_aug)
+        if not s_aug > 0:
+            raise ValueError(f"sigma_aug must be > 0, got {s_aug}")
+        s_aug = jnp.full((n,), s_aug, jnp.float32)
+        out_hw = (x.shape[1] * f, x.shape[2] * f)
+        cond = sr.conditioning(sr.augment(key, jnp.asarray(x), s_aug), s_aug, out_hw, self.config.edm.sigma_data)
+        return out_hw, cond
 
     @staticmethod
     def _per_prompt(regions, n: int) -> list[Sequence[Region]]:

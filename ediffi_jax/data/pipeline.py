@@ -19,6 +19,9 @@ import grain
 import numpy as np
 
 Tokenizer = Callable[[list[str]], dict[str, np.ndarray]]
+# A per-example transform after decoding (e.g. `sr.pair_transform`: low-res pair, aligned random crops); its rng
+# depends only on (seed, the example's position in the stream), so it is reproducible and resumes exactly.
+Transform = Callable[[dict[str, Any], np.random.Generator], dict[str, Any]]
 _RESERVED_KEYS = ("image", "caption")
 
 
@@ -97,6 +100,7 @@ def make_dataset(
     num_epochs: int | None = None,
     drop_remainder: bool = True,
     split_batches: bool = False,
+    transform: Transform | None = None,
 ) -> grain.MapDataset:
     """The batched grain ``MapDataset``: shard -> shuffle (reseeded every epoch) -> repeat -> decode -> batch.
 
@@ -107,6 +111,9 @@ def make_dataset(
     ``batch_size * shard_count`` records and reads (and decodes) only its own block ``i`` of ``batch_size`` of
     each, so the sequence of global batches is the same for any ``shard_count`` (1 host or 64 see the same
     examples at each step) and with ``shard_count=1`` it equals the default, iterator state included.
+
+    ``transform(example, rng)`` runs on each decoded example with ``rng`` seeded by (``seed``, the example's
+    position in this shard's stream; in ``split_batches`` mode its position in the global stream).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -138,12 +145,27 @@ def make_dataset(
         if num_epochs is not None:
             ds = ds[: len(ds) // global_batch * global_batch]  # whole global batches only
         ds = ds.batch(batch_size, drop_remainder=True)[shard_index::shard_count]
-        ds = ds.map(lambda idx: stack_examples([decode_record(source[int(i)]) for i in idx]))
+
+        def read_block(k: int, idx: np.ndarray) -> dict[str, np.ndarray]:
+            first = (k * shard_count + shard_index) * batch_size  # global stream position of the block's first
+            return stack_examples([_apply(transform, decode_record(source[int(i)]), seed, first + j)
+                                   for j, i in enumerate(idx)])
+
+        ds = ds.map_with_index(read_block)
     else:
-        ds = ds.map(decode_record).batch(batch_size, drop_remainder=drop_remainder, batch_fn=stack_examples)
+        ds = ds.map(decode_record)
+        if transform is not None:
+            ds = ds.map_with_index(lambda pos, ex: _apply(transform, ex, seed, pos))
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=stack_examples)
     if tokenize is not None:
         ds = ds.map(_tokenize_batch(tokenize))
     return ds
+
+
+def _apply(transform: Transform | None, example: dict[str, Any], seed: int | None, pos: int) -> dict[str, Any]:
+    if transform is None:
+        return example
+    return transform(example, np.random.default_rng([seed or 0, pos]))
 
 
 def make_train_iterator(
@@ -158,6 +180,7 @@ def make_train_iterator(
     num_threads: int = 4,
     prefetch_batches: int = 8,
     split_batches: bool = False,
+    transform: Transform | None = None,
 ) -> grain.DatasetIterator:
     """Checkpointable training iterator over this process's shard (every shard_count-th record, or with
     ``split_batches`` its block of every global batch: see `make_dataset`).
@@ -174,6 +197,7 @@ def make_train_iterator(
         shard_count=shard_count,
         num_epochs=num_epochs,
         split_batches=split_batches,
+        transform=transform,
     )
     read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_batches)
     return iter(ds.to_iter_dataset(read_options))
@@ -185,16 +209,20 @@ def make_eval_batches(
     num_batches: int,
     *,
     tokenize: Tokenizer | None = None,
+    transform: Transform | None = None,
 ) -> list[dict[str, np.ndarray]]:
-    """The first ``num_batches`` full batches of ``source``, in order (no shuffle), as batch dicts."""
+    """The first ``num_batches`` full batches of ``source``, in order (no shuffle), as batch dicts (``transform``
+    with rng seeded by (0, position))."""
     if num_batches < 1:
         raise ValueError(f"num_batches must be >= 1, got {num_batches}")
     if batch_size * num_batches > len(source):
         raise ValueError(
             f"source has {len(source)} records, fewer than {num_batches} batches of {batch_size}"
         )
-    ds = grain.MapDataset.source(source)[: batch_size * num_batches]
-    ds = ds.map(decode_record).batch(batch_size, drop_remainder=True, batch_fn=stack_examples)
+    ds = grain.MapDataset.source(source)[: batch_size * num_batches].map(decode_record)
+    if transform is not None:
+        ds = ds.map_with_index(lambda pos, ex: _apply(transform, ex, 0, pos))
+    ds = ds.batch(batch_size, drop_remainder=True, batch_fn=stack_examples)
     if tokenize is not None:
         ds = ds.map(_tokenize_batch(tokenize))
     return [ds[i] for i in range(num_batches)]

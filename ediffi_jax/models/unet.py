@@ -59,7 +59,7 @@ def unet_config(**overrides) -> ml_collections.ConfigDict:
     ``context_dim = 1024`` is the width the text-encoder adapter projects T5/CLIP tokens to;
     ``pooled_dim = 768`` is the CLIP pooled text embedding. Unknown override keys raise ValueError.
     """
-    cfg = ml_collections.ConfigDict(
+    fields = dict(
         {
             "image_size": 64,
             "in_channels": 3,
@@ -82,10 +82,11 @@ def unet_config(**overrides) -> ml_collections.ConfigDict:
             "noise_emb_scale": 1.0,
         }
     )
-    for key, value in overrides.items():
-        if key not in cfg:
+    for key, value in overrides.items():  # before the ConfigDict fixes each field's type (int -> tuple is ok)
+        if key not in fields:
             raise ValueError(f"unknown U-Net config field {key!r}")
-        cfg[key] = value
+        fields[key] = value
+    cfg = ml_collections.ConfigDict(fields)
     return cfg
 
 
@@ -102,8 +103,10 @@ def _validate(cfg: ml_collections.ConfigDict) -> None:
         bad = sorted(set(cfg[name]) - reached)
         if bad:
             raise ValueError(f"{name} {bad} never reached by the net (resolutions {sorted(reached)})")
-    if cfg.channels <= 0 or cfg.num_res_blocks < 1 or cfg.emb_mult < 1:
-        raise ValueError("channels, num_res_blocks and emb_mult must be positive")
+    nrb = res_blocks_per_level(cfg)
+    if cfg.channels <= 0 or min(nrb) < 1 or cfg.emb_mult < 1:
+        raise ValueError(f"channels, num_res_blocks and emb_mult must be positive, got {cfg.channels}, "
+                         f"{cfg.num_res_blocks}, {cfg.emb_mult}")
     if cfg.channels % 2:
         raise ValueError(f"channels must be even (sinusoidal embedding width), got {cfg.channels}")
     if str(cfg.dtype) not in _DTYPES:
@@ -121,6 +124,19 @@ def _validate(cfg: ml_collections.ConfigDict) -> None:
         attends = res in cfg.attn_resolutions or res in cfg.cross_attn_resolutions
         if attends and width % cfg.head_dim:
             raise ValueError(f"width {width} at resolution {res} not divisible by head_dim {cfg.head_dim}")
+
+
+def res_blocks_per_level(cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """``num_res_blocks`` per level: one int for every level (ADM) or one per level (Imagen's Efficient UNet puts
+    more blocks at the low resolutions, e.g. (2, 4, 8, 8))."""
+    n = cfg.num_res_blocks
+    levels = len(tuple(cfg.channel_mult))
+    if isinstance(n, int):
+        return (n,) * levels
+    n = tuple(int(v) for v in n)
+    if len(n) != levels:
+        raise ValueError(f"num_res_blocks {n} must give one count per level ({levels} levels)")
+    return n
 
 
 def _resample(x: jax.Array, up: bool, down: bool) -> jax.Array:
@@ -239,9 +255,9 @@ class UNet(nnx.Module):
         self.context_dim = int(config.context_dim)
         mult = tuple(int(m) for m in config.channel_mult)
         self.num_levels = len(mult)
-        base, nrb, groups, head_dim = (
+        base, nrbs, groups, head_dim = (
             int(config.channels),
-            int(config.num_res_blocks),
+            res_blocks_per_level(config),
             config.num_groups,
             config.head_dim,
         )
@@ -291,7 +307,7 @@ class UNet(nnx.Module):
         skips, res = [ch], int(config.image_size)
         input_blocks: list[nnx.List] = []
         for level, m in enumerate(mult):
-            for _ in range(nrb):
+            for _ in range(nrbs[level]):
                 layers: list[nnx.Module] = [res_block(ch, base * m)]
                 ch = base * m
                 layers += attn_layers(ch, res)
@@ -314,6 +330,7 @@ class UNet(nnx.Module):
         # --- decoder -----------------------------------------------------------------------------------
         output_blocks: list[nnx.List] = []
         for level, m in reversed(list(enumerate(mult))):
+            nrb = nrbs[level]
             for i in range(nrb + 1):
                 layers = [res_block(ch + skips.pop(), base * m)]
                 ch = base * m
