@@ -147,7 +147,7 @@ def tiny_sr_config() -> ml_collections.ConfigDict:
     self-attention), the tiny encoders."""
     c = tiny_config()
     c.model = unet_config(
-        image_size=64, channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1, attn_resolutions=(),
+        image_size=64, channels=16, channel_mult=(1, 2, 4, 4), num_res_blocks=1, attn_resolutions=(),
         cross_attn_resolutions=(16,), head_dim=32, num_groups=8, dropout=0.0, context_dim=64, pooled_dim=64,
         emb_mult=4, in_cond_channels=3, extra_cond_dim=1)
     c.data.resolution = 64

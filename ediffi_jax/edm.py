@@ -8,7 +8,9 @@ Everything that knows about σ lives here; the network only ever sees c_in·x an
     loss   = λ(σ)·‖D(y + σn; σ) − y‖²,   λ(σ) = (σ² + σd²) / (σ·σd)²,   ln σ ~ N(P_mean, P_std²)
 
 eDiff-I trains every model, and every expert of the ensemble, with this loss; an expert only sees σ from its
-interval of the training distribution, which `LogNormalSigma(lo, hi)` samples by inverse CDF.
+interval of the training distribution, which `LogNormalSigma(lo, hi)` samples by inverse CDF. The interval reaches
+the sampler as numbers (`SigmaInterval`), so a compiled train step takes it as an operand: one compile serves the
+root and every expert.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ import dataclasses
 import math
 from collections.abc import Callable
 from statistics import NormalDist
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 SIGMA_DATA = 0.5
 P_MEAN = -1.2
@@ -87,6 +91,18 @@ def denoising_loss(
     return loss_weight(sigma, sigma_data) * err
 
 
+class SigmaInterval(NamedTuple):
+    """A σ interval [lo, hi) of a `LogNormalSigma` as the numbers its inverse-CDF sampler uses (scalars; a pytree,
+    so it can be an operand of compiled code): u ~ U(u_lo, u_hi), z = ±Φ⁻¹(u) (− when `flip`), σ clipped to
+    [lo, hi] = the float32 neighbours inside the interval's edges."""
+
+    u_lo: jax.Array
+    u_hi: jax.Array
+    flip: jax.Array
+    lo: jax.Array
+    hi: jax.Array
+
+
 @dataclasses.dataclass(frozen=True)
 class LogNormalSigma:
     """Training σ distribution ln σ ~ N(p_mean, p_std²), optionally truncated to [lo, hi).
@@ -135,7 +151,9 @@ class LogNormalSigma:
         """Probability mass of [lo, hi) under the untruncated distribution."""
         return self.cdf(self.hi) - self.cdf(self.lo)
 
-    def sample(self, key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    def interval(self) -> SigmaInterval:
+        """[lo, hi) as the numbers `sample` draws with (host side, float32): the uniform's range, the mirror
+        flag and the clipping bounds. Raises ValueError when the interval has no probability mass."""
         a, b = self._z(self.lo), self._z(self.hi)
         flip = a > 0.0  # interval entirely in the upper half: sample the mirrored lower tail instead
         if flip:
@@ -144,13 +162,19 @@ class LogNormalSigma:
         u_hi = 1.0 if b == math.inf else _STD_NORMAL.cdf(b)
         if not u_hi > u_lo:
             raise ValueError(f"sigma interval [{self.lo}, {self.hi}) has no probability mass to sample")
-        tiny = float(jnp.finfo(jnp.float32).tiny)
-        u = jax.random.uniform(key, shape, jnp.float32, minval=max(u_lo, tiny), maxval=u_hi)
-        z = jax.scipy.special.ndtri(u)
-        if flip:
-            z = -z
-        sigma = jnp.exp(self.p_mean + self.p_std * z)
+        f32 = np.float32
         # Guard the half-open interval against float32 rounding at its edges.
-        lo = jnp.nextafter(jnp.float32(self.lo), jnp.float32(jnp.inf)) if self.lo > 0 else 0.0
-        hi = jnp.nextafter(jnp.float32(self.hi), jnp.float32(0.0)) if math.isfinite(self.hi) else jnp.inf
-        return jnp.clip(sigma, lo, hi)
+        lo = np.nextafter(f32(self.lo), f32(np.inf)) if self.lo > 0 else f32(0.0)
+        hi = np.nextafter(f32(self.hi), f32(0.0)) if math.isfinite(self.hi) else f32(np.inf)
+        return SigmaInterval(u_lo=f32(max(u_lo, np.finfo(f32).tiny)), u_hi=f32(u_hi), flip=np.bool_(flip), lo=lo,
+                             hi=hi)
+
+    def sample(self, key: jax.Array, shape: tuple[int, ...], interval: SigmaInterval | None = None) -> jax.Array:
+        """σ of the interval [lo, hi), float32. `interval`: draw from that `SigmaInterval` of this distribution
+        instead (e.g. a traced operand, so that one compiled function serves several intervals)."""
+        iv = self.interval() if interval is None else interval
+        u = jax.random.uniform(key, shape, jnp.float32, minval=iv.u_lo, maxval=iv.u_hi)
+        z = jax.scipy.special.ndtri(u)
+        z = jnp.where(iv.flip, -z, z)
+        sigma = jnp.exp(self.p_mean + self.p_std * z)
+        return jnp.clip(sigma, iv.lo, iv.hi)

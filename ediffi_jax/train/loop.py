@@ -299,16 +299,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     enc_params = {} if config.data.precomputed else encoders.params
     rep = sharding.replicated(mesh)
     key = jax.device_put(jax.random.PRNGKey(config.seed), rep)
-    spec = step_spec(config, sigma_dist)
+    # The untruncated distribution, and this node's σ interval as an operand: every expert compiles the same step.
+    spec = step_spec(config)
+    interval = jax.device_put(jax.tree.map(jnp.asarray, sigma_dist.interval()), rep)
     t0 = time.perf_counter()
     step_fn = jax.jit(
-        lambda s, b, e, k: train_step(s, b, e, k, graphdef=graphdef, encode=encode, tx=tx, spec=spec),
+        lambda s, b, e, k, i: train_step(s, b, e, k, i, graphdef=graphdef, encode=encode, tx=tx, spec=spec),
         in_shardings=(state_shardings, sharding.batch_shardings(first, mesh),
-                      sharding.tree_shardings(enc_params, mesh), rep),
+                      sharding.tree_shardings(enc_params, mesh), rep, rep),
         out_shardings=(state_shardings, rep),
         donate_argnums=(0,),
     ).lower(sharding.with_shardings(abstract_state, state_shardings), sharding.abstract_batch(first, mesh),
-            enc_params, key).compile()
+            enc_params, key, interval).compile()
     log.info("train step compiled in %.1f s", time.perf_counter() - t0)
     sharding.log_memory(step_fn)
 
@@ -323,7 +325,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         try:
             for step in range(start, total):
                 batch = first if step == start else _device_batch(next(train_iter), device_keys)
-                state, m = step_fn(state, sharding.global_batch(batch, mesh), enc_params, key)
+                state, m = step_fn(state, sharding.global_batch(batch, mesh), enc_params, key, interval)
                 window = m if window is None else _accumulate(window, m)  # stays on device
                 n_last += 1
                 bar.update(1)

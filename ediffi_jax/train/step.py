@@ -2,7 +2,9 @@
 
 The step is a pure function of (state, batch, encoder params, key): `nnx.merge` of the graph definition with
 the parameter state happens inside the trace, so `jax.jit` sees only arrays (cheaper per call than `nnx.jit`).
-Randomness is `fold_in(key, step)`, so a resumed run draws exactly what an uninterrupted one would.
+Randomness is `fold_in(key, step)`, so a resumed run draws exactly what an uninterrupted one would. An expert's
+σ interval is an operand of the step (`edm.SigmaInterval`), not a constant: the root and every expert of a tree run
+the same compiled step.
 
 A step whose loss or gradient norm is not finite is skipped inside the compiled step (no host round trip):
 parameters, EMA and optimizer state keep their values (`jnp.where`, fused into the update), while `state.step`
@@ -73,7 +75,8 @@ def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class StepSpec:
-    """Everything static the train step closes over (hashable, so the step compiles once)."""
+    """Everything static the train step closes over (hashable, so the step compiles once). `sigma_dist` is the
+    distribution σ is drawn from unless the step is given an interval of it (`train_step(..., interval)`)."""
 
     sigma_dist: edm.LogNormalSigma
     drop_probs: tuple[tuple[str, float], ...]
@@ -93,6 +96,7 @@ def train_step(
     batch: Mapping[str, jax.Array],
     enc_params: Any,
     key: jax.Array,
+    interval: edm.SigmaInterval | None = None,
     *,
     graphdef: nnx.GraphDef,
     encode: EncodeFn,
@@ -101,6 +105,8 @@ def train_step(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One EDM step: encode text (frozen), draw σ and keep-flags, weighted loss, AdamW update, EMA.
 
+    σ is drawn from `spec.sigma_dist`, restricted to `interval` when given (an expert's interval, e.g.
+    `tree.sigma_dist(node).interval()`; traced, so one compiled step serves every interval).
     With a non-finite loss or gradient norm the update is skipped (see the module docstring). Metrics include
     `skipped_steps` (1.0 or 0.0; the loop sums it over a log window) and `consecutive_skips`; the means (loss,
     norms) read 0 on a skipped step, so that the loop averages them over the applied steps only.
@@ -110,7 +116,7 @@ def train_step(
     k_sigma, k_noise, k_drop, k_dropout = jax.random.split(jax.random.fold_in(key, state.step), 4)
     embeddings = jax.lax.stop_gradient(encode(enc_params, batch))
     keep = sample_keep(k_drop, b, dict(spec.drop_probs))
-    sigma = spec.sigma_dist.sample(k_sigma, (b,))
+    sigma = spec.sigma_dist.sample(k_sigma, (b,), interval)
     noise = jax.random.normal(k_noise, y.shape, jnp.float32)
 
     def loss_fn(params: nnx.State) -> tuple[jax.Array, jax.Array]:
