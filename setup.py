@@ -26,10 +26,11 @@ setup(
         "numpy==2.4.6",
         "tqdm==4.70.1",
         "tensorboardX==2.6.5",
+        "scipy==1.17.1",  # FID: matrix square root in float64 (ediffi_jax/eval/fid.py)
     ],
     extras_require={
         # torch (CPU build) is the reference implementation in parity tests only.
-        "test": ["pytest==9.2.0", "scipy==1.17.1", "ruff==0.17.6", "torch==2.13.0"],
+        "test": ["pytest==9.2.0", "ruff==0.17.6", "torch==2.13.0"],
     },
     entry_points={
         "console_scripts": [
