@@ -40,6 +40,7 @@ setup(
             "ediffi-embed=ediffi_jax.cli.embed:main",
             "ediffi-expert-tree=ediffi_jax.cli.expert_tree:main",
             "ediffi-plan=ediffi_jax.cli.plan:main",
+            "ediffi-eval=ediffi_jax.cli.eval:main",
         ]
     },
 )
