@@ -49,6 +49,7 @@ from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
+from ediffi_jax import sr
 from ediffi_jax.data import pipeline, shapes
 from ediffi_jax.data.shapes_tfds import build_shapes
 from ediffi_jax.encoders import FrozenEncoders, embeddings_from_batch, setup_encoders
@@ -125,7 +126,15 @@ def _test_signal() -> tuple[int, signal.Signals] | None:
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Cross-field checks that would otherwise fail deep inside a trace."""
-    if config.data.resolution != config.model.image_size:
+    if sr.is_sr(config):  # an SR stage trains on (image, image / factor) pairs, whole or as crops
+        f, crop = int(config.sr.factor), int(config.sr.crop)
+        size = crop or config.data.resolution
+        if config.data.resolution % f or size % f or size > config.data.resolution:
+            raise ValueError(f"sr.factor={f}, sr.crop={crop} do not fit data.resolution={config.data.resolution}")
+        if size != config.model.image_size:
+            raise ValueError(f"model.image_size={config.model.image_size} differs from the training size {size} "
+                             f"({'sr.crop' if crop else 'data.resolution'})")
+    elif config.data.resolution != config.model.image_size:
         raise ValueError(f"data.resolution={config.data.resolution} differs from "
                          f"model.image_size={config.model.image_size}")
     if config.train.batch_size < 1:
@@ -183,9 +192,10 @@ def load_data(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
 
 def _device_keys(config: ml_collections.ConfigDict, encoders: FrozenEncoders) -> tuple[str, ...]:
     """Keys of a data batch that go to the device (captions stay on the host)."""
+    images = ("image", "lowres") if sr.is_sr(config) else ("image",)
     if not config.data.precomputed:
-        return ("image",) + tuple(k for k in encoders.batch_keys if k != "image")
-    keys = ["image"]
+        return images + tuple(k for k in encoders.batch_keys if k != "image")
+    keys = list(images)
     for n in encoders.names:
         keys += ["clip_image_pooled"] if n == "clip_image" else [f"{n}_tokens", f"{n}_mask"]
         if n == "clip_text":
@@ -261,7 +271,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     # number of processes, so a run on 1 host and on N hosts sees the same examples at every step.
     train_iter = pipeline.make_train_iterator(
         train_src, batch_size=local_batch, seed=config.seed, tokenize=tokenize,
-        shard_index=jax.process_index(), shard_count=jax.process_count(), split_batches=True)
+        shard_index=jax.process_index(), shard_count=jax.process_count(), split_batches=True,
+        transform=sr.pair_transform(int(config.sr.factor), int(config.sr.crop)) if sr.is_sr(config) else None)
 
     # ---------------------------------------------------------------- model, optimizer and their shardings
     graphdef, abstract_params = split_model(nnx.eval_shape(lambda: build_model(config, config.seed)))
@@ -426,17 +437,24 @@ def evaluate(
     workdir: str,
     step: int,
 ) -> dict[str, float]:
-    """Samples `train.eval_num` validation captions with the EMA params; writes a grid; returns shape-scores."""
+    """Samples `train.eval_num` validation captions with the EMA params; writes a grid; returns shape-scores.
+    An SR stage upsamples the validation images' low-res versions (whole images, σ_aug = sr.sample_sigma_aug)."""
     n = min(config.train.eval_num, len(val_src))
     captions = [_caption(val_src[i]) for i in range(n)]
     embeddings = encoders.encode_prompts(captions)
-    r = config.model.image_size
+    r = config.data.resolution if sr.is_sr(config) else config.model.image_size
     key = jax.random.PRNGKey(config.seed + 1)
     # Host values (the same on every process) next to the sharded EMA; the images come back to every host.
     noise = np.asarray(jax.random.normal(key, (n, r, r, config.model.out_channels)))
+    cond = None
+    if sr.is_sr(config):
+        hr = np.stack([pipeline.decode_image(val_src[i]["image"]) for i in range(n)]).astype(np.float32) / 127.5 - 1
+        s_aug = jnp.full((n,), config.sr.sample_sigma_aug, jnp.float32)
+        lowres = sr.augment(jax.random.fold_in(key, 2), jnp.asarray(sr.downsample(hr, int(config.sr.factor))), s_aug)
+        cond = jax.tree.map(np.asarray, sr.conditioning(lowres, s_aug, (r, r), config.edm.sigma_data))
     sample = _eval_sampler(graphdef, HeunConfig.from_config(config.sample), config.edm.sigma_data)
     s = np.float32(config.sample.guidance_scale)
-    out = sample(state.ema, embeddings, noise, np.asarray(key), s, s)
+    out = sample(state.ema, embeddings, noise, np.asarray(key), s, s, cond=cond)
     images = to_uint8(multihost_utils.process_allgather(out, tiled=True) if jax.process_count() > 1 else out)
     if jax.process_index() == 0:
         save_grid(images, os.path.join(workdir, "samples", f"step_{step:08d}.png"))

@@ -26,7 +26,7 @@ import ml_collections
 import optax
 from flax import nnx, struct
 
-from ediffi_jax import edm
+from ediffi_jax import edm, sr
 from ediffi_jax.models.conditioning import ConditionedUNet, sample_keep
 
 EncodeFn = Callable[[Any, Mapping[str, jax.Array]], dict[str, dict[str, jax.Array]]]
@@ -82,13 +82,16 @@ class StepSpec:
     drop_probs: tuple[tuple[str, float], ...]
     ema_decay: float
     sigma_data: float = edm.SIGMA_DATA
+    # SR stage (sr.py): (aug_p_mean, aug_p_std) of the noise-conditioning augmentation ln σ_aug; None: base model.
+    sr_aug: tuple[float, float] | None = None
 
 
 def step_spec(config: ml_collections.ConfigDict, sigma_dist: edm.LogNormalSigma | None = None) -> StepSpec:
     drop = tuple((n, float(config.conditioning.embeddings[n].drop_prob)) for n in config.conditioning.order)
     dist = sigma_dist or edm.LogNormalSigma(config.edm.p_mean, config.edm.p_std)
+    sr_aug = (float(config.sr.aug_p_mean), float(config.sr.aug_p_std)) if sr.is_sr(config) else None
     return StepSpec(sigma_dist=dist, drop_probs=drop, ema_decay=float(config.optim.ema_decay),
-                    sigma_data=float(config.edm.sigma_data))
+                    sigma_data=float(config.edm.sigma_data), sr_aug=sr_aug)
 
 
 def train_step(
@@ -107,24 +110,35 @@ def train_step(
 
     σ is drawn from `spec.sigma_dist`, restricted to `interval` when given (an expert's interval, e.g.
     `tree.sigma_dist(node).interval()`; traced, so one compiled step serves every interval).
+    An SR stage (`spec.sr_aug`) also reads batch["lowres"]: the network gets the noise-conditioning-augmented
+    low-res input and ln σ_aug (`sr.conditioning`), drawn with keys of their own, so the base model's randomness
+    is the same with or without it.
     With a non-finite loss or gradient norm the update is skipped (see the module docstring). Metrics include
     `skipped_steps` (1.0 or 0.0; the loop sums it over a log window) and `consecutive_skips`; the means (loss,
     norms) read 0 on a skipped step, so that the loop averages them over the applied steps only.
     """
     y = batch["image"]
     b = y.shape[0]
-    k_sigma, k_noise, k_drop, k_dropout = jax.random.split(jax.random.fold_in(key, state.step), 4)
+    k_step = jax.random.fold_in(key, state.step)
+    k_sigma, k_noise, k_drop, k_dropout = jax.random.split(k_step, 4)
     embeddings = jax.lax.stop_gradient(encode(enc_params, batch))
     keep = sample_keep(k_drop, b, dict(spec.drop_probs))
     sigma = spec.sigma_dist.sample(k_sigma, (b,), interval)
     noise = jax.random.normal(k_noise, y.shape, jnp.float32)
+    cond = {}
+    if spec.sr_aug is not None:  # x̃_lr = x_lr + σ_aug·ε, ln σ_aug ~ N(aug_p_mean, aug_p_std²)
+        k_aug, k_aug_noise = jax.random.split(jax.random.fold_in(k_step, _SR_KEY_TAG))
+        aug_mean, aug_std = spec.sr_aug
+        sigma_aug = jnp.exp(aug_mean + aug_std * jax.random.normal(k_aug, (b,), jnp.float32))
+        cond = sr.conditioning(sr.augment(k_aug_noise, batch["lowres"], sigma_aug), sigma_aug, y.shape[1:3],
+                               spec.sigma_data)
 
     def loss_fn(params: nnx.State) -> tuple[jax.Array, jax.Array]:
         model = nnx.merge(graphdef, params)
         rngs = nnx.Rngs(dropout=k_dropout)
 
         def denoiser(x: jax.Array, s: jax.Array) -> jax.Array:
-            net = functools.partial(_net, model, embeddings, keep, rngs)
+            net = functools.partial(_net, model, embeddings, keep, rngs, cond)
             return edm.precondition(net, x, s, spec.sigma_data)
 
         per_example = edm.denoising_loss(denoiser, y, sigma, noise, spec.sigma_data)
@@ -164,8 +178,12 @@ def train_step(
     return new_state, metrics
 
 
-def _net(model: ConditionedUNet, embeddings, keep, rngs, x_in: jax.Array, c_noise: jax.Array) -> jax.Array:
-    return model(x_in, c_noise, embeddings, keep, rngs=rngs)
+# fold_in tag of the SR augmentation's keys (apart from the four keys every step splits).
+_SR_KEY_TAG = 0x5352
+
+
+def _net(model: ConditionedUNet, embeddings, keep, rngs, cond, x_in: jax.Array, c_noise: jax.Array) -> jax.Array:
+    return model(x_in, c_noise, embeddings, keep, rngs=rngs, **cond)
 
 
 def _masked_mean(v: jax.Array, m: jax.Array) -> jax.Array:
