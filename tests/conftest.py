@@ -8,6 +8,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest  # noqa: E402
+from multidevice import Lane  # noqa: E402
 
 
 def micro_config(data_dir: str):
@@ -33,6 +34,35 @@ def micro_config(data_dir: str):
     return c
 
 
+def one_level_config(data_dir: str, **train):
+    """micro_config with a one-level U-Net (cross-attention at 16², no resampling; compiles in half the time),
+    64 training examples, no validation; `train` overrides config.train (default: every step logged, no
+    evaluation). Every test that trains small runs uses this model, optimizer and batch, so they all share one
+    compiled train step through the persistent compilation cache (an expert's σ interval is an operand)."""
+    c = micro_config(data_dir)
+    c.data.update(dict(num_train=64, num_val=0))
+    c.model.update(dict(channel_mult=(1,), attn_resolutions=(), cross_attn_resolutions=(16,)))
+    c.train.update({"log_every": 1, "eval_num": 0, **train})
+    return c
+
+
+CONFIG_FILE = """import sys
+sys.path.insert(0, {tests!r})
+from conftest import one_level_config
+
+
+def get_config():
+    return one_level_config({data_dir!r}, **{train!r})
+"""
+
+
+def write_config_file(path, data_dir: str, **train) -> str:
+    """A config file of `one_level_config(data_dir, **train)` for ediffi-train and other subprocesses."""
+    with open(path, "w") as f:
+        f.write(CONFIG_FILE.format(tests=os.path.dirname(os.path.abspath(__file__)), data_dir=data_dir, train=train))
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("tfds"))
@@ -40,11 +70,39 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, data_dir):
-    """A micro run trained once for the whole session: (config, workdir, final metrics)."""
+    """A run of the one-level micro model trained once for the whole session: (config, workdir, final metrics).
+    Its compiled step serves the other tests' runs too (the demo-asset test trains the multi-level tiny model)."""
     from ediffi_jax.train.loop import train
 
-    config = micro_config(data_dir)
-    config.train.update(dict(num_steps=160, log_every=20, ckpt_every=80))  # enough to read the text; cheap
+    # 160 steps: enough to read the text; cheap. 16 validation captions, 8 sampled at the end. The 64 training
+    # captions give the tokenizers, so the encoders, so the compiled step, of the other tests' runs.
+    config = one_level_config(data_dir, num_steps=160, log_every=20, ckpt_every=80, eval_num=8)
+    config.data.num_val = 16
     workdir = str(tmp_path_factory.mktemp("run"))
     metrics = train(config, workdir)
     return config, workdir, metrics
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Modules with background runs (BACKGROUND, see `lane`) run last, in their order: their runs then have the
+    rest of the session to finish on the spare core."""
+    items.sort(key=lambda item: hasattr(getattr(item, "module", None), "BACKGROUND"))  # stable
+
+
+@pytest.fixture(scope="session", autouse=True)
+def lane(request, tmp_path_factory):
+    """The background runs of the selected test modules (tests/multidevice.py), started at the beginning of the
+    session: a module lists them as BACKGROUND = {name: start(directory) -> Background}, and its tests read them
+    with `lane[name].result()`. The lane takes them in the order of the modules."""
+    lane = Lane(tmp_path_factory.mktemp)
+    modules = []
+    for item in request.session.items:
+        module = getattr(item, "module", None)
+        if module is not None and module not in modules:
+            modules.append(module)
+    for module in modules:
+        for name, start in getattr(module, "BACKGROUND", {}).items():
+            lane.add(name, start)
+    lane.start()
+    yield lane
+    lane.close()

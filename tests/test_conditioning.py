@@ -18,11 +18,13 @@ def model():
     abstractly and filled in — no eager initialisation."""
     config = micro_config("/nonexistent")
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: ConditionedUNet(config, rngs=nnx.Rngs(0))))
-    leaves, tree = jax.tree.flatten(abstract)
-    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-    leaves = [0.5 + 0.1 * jax.random.normal(k, p.shape) if len(p.shape) == 1 else
-              jax.random.normal(k, p.shape) / np.sqrt(np.prod(p.shape[:-1])) for p, k in zip(leaves, keys)]
-    return nnx.merge(graphdef, jax.tree.unflatten(tree, leaves))
+    rng = np.random.default_rng(1)  # host random numbers: no compile per parameter shape
+
+    def fill(p):
+        n = rng.standard_normal(p.shape).astype(np.float32)
+        return jnp.asarray(0.5 + 0.1 * n if len(p.shape) == 1 else n / np.sqrt(np.prod(p.shape[:-1])))
+
+    return nnx.merge(graphdef, jax.tree.map(fill, abstract))
 
 
 def _embeddings(b=2, seed=0):

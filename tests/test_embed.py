@@ -4,13 +4,13 @@ a multi-device CLI run writes the same records, and bad input is one clear line.
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
 from conftest import micro_config
+from multidevice import Background
 
 from ediffi_jax.data.embedded import MANIFEST, flatten_embeddings, load_embedded
 from ediffi_jax.data.pipeline import decode_caption, decode_image
@@ -128,11 +128,11 @@ def test_training_on_embeddings_equals_training_on_captions(embedded, tmp_path):
     np.testing.assert_allclose([v for _, v in pre], [v for _, v in raw], rtol=1e-5, atol=1e-6)
 
 
-def run_cli(*args, devices=4):
+def run_cli(*args, devices=4) -> Background:
+    """ediffi-embed on `devices` CPU devices, in the background."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", NPROC="16",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    return subprocess.run([os.path.join(BIN, "ediffi-embed"), *args], capture_output=True, text=True, env=env,
-                          cwd=ROOT, timeout=300)
+    return Background([os.path.join(BIN, "ediffi-embed"), *args], env=env, cwd=ROOT)
 
 
 def write_config_file(path, data_dir):
@@ -141,11 +141,26 @@ def write_config_file(path, data_dir):
     return str(path)
 
 
-def test_cli_on_four_devices_writes_the_same_records(embedded, data_dir, tmp_path):
+def _four_devices(directory):
+    """The micro dataset (its own copy) embedded by the CLI on 4 devices, fsdp 2, batches of 8."""
+    cfg = write_config_file(directory / "micro.py", str(directory / "data"))
+    return run_cli("--config", cfg, "--out", str(directory / "out4"), "--batch_size", "8", "--fsdp", "2")
+
+
+def _bad_batch(directory):
+    cfg = write_config_file(directory / "micro.py", str(directory / "data"))
+    return run_cli("--config", cfg, "--out", str(directory / "o"), "--batch_size", "6")
+
+
+# Started at the beginning of the session (tests/conftest.py).
+BACKGROUND = {"embed_four_devices": _four_devices, "embed_bad_batch": _bad_batch}
+
+
+def test_cli_on_four_devices_writes_the_same_records(embedded, lane):
     config, out = embedded
-    out4 = str(tmp_path / "out4")
-    cfg = write_config_file(tmp_path / "micro.py", data_dir)
-    p = run_cli("--config", cfg, "--out", out4, "--batch_size", "8", "--fsdp", "2")
+    run = lane["embed_four_devices"]
+    p = run.result(timeout=300)
+    out4 = str(run.directory / "out4")
     assert p.returncode == 0, p.stderr[-3000:]
     assert "wrote 64 train, 16 validation records" in p.stdout
     assert "embed train: 100%" in p.stderr  # the progress bar
@@ -167,11 +182,11 @@ def one_error_line(proc):
     return lines[-1]
 
 
-def test_batch_not_divisible_by_devices_is_one_clear_error(data_dir, tmp_path):
-    cfg = write_config_file(tmp_path / "micro.py", data_dir)
-    line = one_error_line(run_cli("--config", cfg, "--out", str(tmp_path / "o"), "--batch_size", "6"))
+def test_batch_not_divisible_by_devices_is_one_clear_error(lane):
+    run = lane["embed_bad_batch"]
+    line = one_error_line(run.result(timeout=300))
     assert line == "ediffi-embed: error: --batch_size=6 is not divisible by the 4 devices"
-    assert not (tmp_path / "o").exists()
+    assert not (run.directory / "o").exists()
 
 
 def test_out_with_other_files_is_refused_and_kept(data_dir, tmp_path):

@@ -192,3 +192,20 @@ def test_hashable_static_jit_argument():
     assert len(traces) == 1  # equal trees hit the same compiled function
     np.testing.assert_array_equal(f(ExpertTree.preset("2"), x), [0, 1, 1])
     assert len(traces) == 2
+
+
+def test_one_compiled_sampler_draws_every_interval_bitwise():
+    """The train step takes a node's σ interval as an operand (`edm.SigmaInterval`): traced, it draws bit for bit
+    what the node's own distribution draws compiled with its bounds as constants, and one compile serves every
+    node of the tree."""
+    tree = ExpertTree.preset("3-paper")
+    full = tree.sigma_dist()
+    sample = jax.jit(lambda key, interval: full.sample(key, (4096,), interval))
+    key = jax.random.PRNGKey(5)
+    for path in ("", "0", *tree.leaf_paths):  # all σ; a tree node; the three experts (the top one mirrored)
+        dist = tree.sigma_dist(path)
+        s = sample(key, dist.interval())
+        np.testing.assert_array_equal(s, jax.jit(lambda k, d=dist: d.sample(k, (4096,)))(key))
+        s = np.asarray(s)
+        assert np.all(s >= np.float32(dist.lo)) and np.all(s < np.float32(dist.hi)), path  # inside the node
+    assert sample._cache_size() == 1

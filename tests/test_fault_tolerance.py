@@ -21,8 +21,9 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import write_config_file
 from flax import nnx
-from multidevice import REPO
+from multidevice import Background
 
 from ediffi_jax.cli.common import load_config_file
 from ediffi_jax.train import loop
@@ -31,45 +32,34 @@ from ediffi_jax.train.events import read_scalars
 from ediffi_jax.train.loop import NonFiniteUpdates, train
 from ediffi_jax.train.step import build_model, init_train_state, make_optimizer, split_model
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
 STEPS, CKPT_EVERY = 8, 3
-
-# The micro model with a one-level U-Net (compiles fast), every step logged, a checkpoint every 3 steps.
-CONFIG = """
-import sys
-sys.path.insert(0, {tests!r})
-from conftest import micro_config
-
-
-def get_config():
-    c = micro_config({data_dir!r})
-    c.data.update(dict(num_train=64, num_val=0))
-    c.model.update(dict(channel_mult=(1,), attn_resolutions=(), cross_attn_resolutions=(16,)))
-    c.train.update(dict(num_steps={steps}, log_every=1, ckpt_every={ckpt_every}, eval_num=0, keep_checkpoints=10))
-    return c
-"""
 
 
 @pytest.fixture(scope="module")
 def run_a(tmp_path_factory, data_dir):
+    """Run A in this process (it compiles the step, or finds it in the persistent cache), then the interrupted
+    ediffi-train runs B (SIGKILL after step 5) and C (SIGTERM after step 4) in the background, side by side, while
+    the tests go on in this process."""
     tmp = tmp_path_factory.mktemp("fault")
-    cfg = str(tmp / "config.py")
-    with open(cfg, "w") as f:
-        f.write(CONFIG.format(tests=TESTS, data_dir=data_dir, steps=STEPS, ckpt_every=CKPT_EVERY))
+    cfg = write_config_file(tmp / "config.py", data_dir, num_steps=STEPS, ckpt_every=CKPT_EVERY, keep_checkpoints=10)
     t0 = time.perf_counter()
     train(load_config_file(cfg), str(tmp / "A"))
     print(f"\nrun A ({STEPS} steps, in process): {time.perf_counter() - t0:.1f} s")
-    return dict(tmp=tmp, cfg=cfg, A=str(tmp / "A"))
-
-
-def _cli(cfg: str, workdir: str, signal_spec: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", EDIFFI_TEST_SIGNAL=signal_spec)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
-    t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "ediffi_jax.cli.train", "--config", cfg, "--workdir", workdir],
-                       capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
-    print(f"ediffi-train with EDIFFI_TEST_SIGNAL={signal_spec}: {time.perf_counter() - t0:.1f} s, "
-          f"status {p.returncode}")
+    cli = {name: Background([sys.executable, "-m", "ediffi_jax.cli.train", "--config", cfg, "--workdir",
+                             str(tmp / name)], env=dict(env, EDIFFI_TEST_SIGNAL=spec))
+           for name, spec in (("B", "5:KILL"), ("C", "4:TERM"))}
+    yield dict(tmp=tmp, cfg=cfg, A=str(tmp / "A"), cli=cli)
+    for run in cli.values():
+        run.kill()
+
+
+def _cli(run_a, name: str) -> subprocess.CompletedProcess:
+    """ediffi-train run `name` of the fixture, once it has ended."""
+    run = run_a["cli"][name]
+    p = run.result(timeout=300)
+    print(f"ediffi-train run {name} (in the background): {run.seconds:.1f} s, status {p.returncode}")
     return p
 
 
@@ -123,7 +113,7 @@ def _assert_resumed_onto_a(run_a, workdir: str, resumed_from: int) -> None:
 
 def test_resume_after_sigkill_is_bitwise_the_uninterrupted_run(run_a, caplog):
     b = str(run_a["tmp"] / "B")
-    p = _cli(run_a["cfg"], b, "5:KILL")  # killed after step 5, between the checkpoints at 3 and 6
+    p = _cli(run_a, "B")  # killed after step 5, between the checkpoints at 3 and 6
     assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
     assert _steps(b) == ["3"]
     with caplog.at_level(logging.INFO, logger="ediffi_jax"):
@@ -134,7 +124,7 @@ def test_resume_after_sigkill_is_bitwise_the_uninterrupted_run(run_a, caplog):
 
 def test_sigterm_checkpoints_the_current_step_and_exits_75(run_a, caplog):
     c = str(run_a["tmp"] / "C")
-    p = _cli(run_a["cfg"], c, "4:TERM")  # SIGTERM after step 4, mid-interval
+    p = _cli(run_a, "C")  # SIGTERM after step 4, mid-interval
     assert p.returncode == 75, p.stderr[-3000:]
     stops = [line for line in p.stderr.splitlines() if "SIGTERM" in line]
     assert len(stops) == 1 and stops[0].endswith(

@@ -8,15 +8,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from conftest import write_config_file
 from flax import nnx
-from multidevice import REPO, run_multidevice
+from multidevice import REPO, Background, multidevice_env
 
 from ediffi_jax.cli.common import load_config_file
 from ediffi_jax.train.checkpoint import Checkpointer, abstract_like
@@ -24,27 +25,10 @@ from ediffi_jax.train.events import read_scalars
 from ediffi_jax.train.loop import train
 from ediffi_jax.train.step import build_model, init_train_state, make_optimizer, split_model
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
 STEPS = 4
 
-# The micro model with a one-level U-Net (compiles fast); 4 steps, a checkpoint every 2, no evaluation.
-CONFIG = """
-import sys
-sys.path.insert(0, {tests!r})
-from conftest import micro_config
-
-
-def get_config():
-    c = micro_config({data_dir!r})
-    c.data.update(dict(num_train=64, num_val=0))
-    c.model.update(dict(channel_mult=(1,), attn_resolutions=(), cross_attn_resolutions=(16,)))
-    c.train.update(dict(num_steps={steps}, log_every=1, ckpt_every=2, eval_num=0))
-    return c
-"""
-
 # Run B: 8 devices in one process. First the bad inputs (each must fail before anything is traced or compiled, and
-# create nothing),
-# then the run itself, then how its state is laid out on the devices.
+# create nothing), then the run itself, then how its state is laid out on the devices.
 _EIGHT_DEVICES = r"""
 import json, os
 import jax, numpy as np
@@ -107,36 +91,67 @@ print(json.dumps(dict(
 """
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, data_dir):
-    """A: 1 device (this process). B: 8 devices, data 4 × fsdp 2. C: 2 processes × 4 devices on a hybrid
-    mesh (data 2 per process × 2 processes, fsdp 2). Same config, same 4 steps."""
-    tmp = tmp_path_factory.mktemp("sharded")
-    cfg = str(tmp / "config.py")
-    with open(cfg, "w") as f:
-        f.write(CONFIG.format(tests=TESTS, data_dir=data_dir, steps=STEPS))
-    dirs = {k: str(tmp / k) for k in "ABC"}
-    t0 = time.perf_counter()
-    train(load_config_file(cfg), dirs["A"])  # also builds the dataset once, before processes share it
-    t1 = time.perf_counter()
+def _eight_devices(directory: Path) -> Background:
+    """Run B (see _EIGHT_DEVICES) on its own copy of the dataset."""
+    cfg = write_config_file(directory / "config.py", str(directory / "data"), num_steps=STEPS, ckpt_every=2)
+    script = directory / "eight_devices.py"
+    script.write_text(f"CFG, TMP, WORKDIR, STEPS = {cfg!r}, {str(directory)!r}, {str(directory / 'B')!r}, "
+                      f"{STEPS}\n" + _EIGHT_DEVICES)
+    return Background([sys.executable, str(script)], env=multidevice_env(8))
 
-    header = f"CFG, TMP, WORKDIR, STEPS = {cfg!r}, {str(tmp)!r}, {dirs['B']!r}, {STEPS}\n"
-    b = json.loads(run_multidevice(header + _EIGHT_DEVICES, devices=8).strip().splitlines()[-1])
-    t2 = time.perf_counter()
 
-    # Process 1 compiles everything itself: XLA's persistent cache is written by process 0 only.
-    env = dict(os.environ, PYTHON=sys.executable, LOG_DIR=str(tmp / "logs"))
+def _two_processes(directory: Path) -> Background:
+    """Run C: launch/local_multiprocess.sh, 2 processes x 4 devices, a checkpoint at the end only. Process 1
+    compiles everything itself: XLA's persistent cache is written by process 0 only."""
+    cfg = write_config_file(directory / "config.py", str(directory / "data"), num_steps=STEPS, ckpt_every=2)
+    env = dict(os.environ, PYTHON=sys.executable, LOG_DIR=str(directory / "logs"))
     env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(REPO, ".jax_cache"))
-    proc = subprocess.run(
-        [os.path.join(REPO, "launch", "local_multiprocess.sh"), "2", "4", "--", "--config", cfg,
-         "--workdir", dirs["C"], "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.dcn_data=2",
-         f"--config.train.ckpt_every={STEPS}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
-    logs = {p: open(tmp / "logs" / p).read() for p in sorted(os.listdir(tmp / "logs"))}
-    assert proc.returncode == 0, proc.stderr[-2000:] + "".join(f"\n--- {k}\n{v[-3000:]}" for k, v in logs.items())
-    print(f"\nrun A (1 device) {t1 - t0:.1f} s, B (8 devices) {t2 - t1:.1f} s, "
-          f"C (2 processes x 4 devices) {time.perf_counter() - t2:.1f} s")
-    return dict(tmp=tmp, cfg=cfg, dirs=dirs, b=b, logs=logs)
+    return Background([os.path.join(REPO, "launch", "local_multiprocess.sh"), "2", "4", "--", "--config", cfg,
+                       "--workdir", str(directory / "C"), "--config.mesh.data=2", "--config.mesh.fsdp=2",
+                       "--config.mesh.dcn_data=2", f"--config.train.ckpt_every={STEPS}"], env=env)
+
+
+def _bad_mesh_cli(directory: Path) -> Background:
+    """ediffi-train with a mesh of 2 devices on this machine's 1."""
+    cfg = write_config_file(directory / "config.py", str(directory / "data"), num_steps=STEPS, ckpt_every=2)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    return Background([os.path.join(os.path.dirname(sys.executable), "ediffi-train"), "--config", cfg,
+                       "--workdir", str(directory / "w"), "--config.mesh.fsdp=2"], env=env)
+
+
+def _plan_bad_mesh(directory: Path) -> Background:
+    """ediffi-plan with a mesh that does not divide this machine's 1 device."""
+    return Background([os.path.join(os.path.dirname(sys.executable), "ediffi-plan"), "--config", "configs/base64.py",
+                       "--mesh", "data=-1,fsdp=3"], env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+
+
+# Started at the beginning of the session, one after another (tests/conftest.py); each on its own copy of the
+# dataset (built by one process: in C, process 0 builds it while process 1 waits).
+BACKGROUND = {"sharded_B": _eight_devices, "sharded_C": _two_processes, "sharded_bad_mesh": _bad_mesh_cli,
+              "plan_bad_mesh": _plan_bad_mesh}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data_dir, lane):
+    """A: 1 device (this process). B: 8 devices, data 4 × fsdp 2. C: 2 processes × 4 devices on a hybrid
+    mesh (data 2 per process × 2 processes, fsdp 2). Same config (the one-level micro model; a checkpoint every
+    2 steps, no evaluation), same 4 steps. B and C run in the background."""
+    tmp = tmp_path_factory.mktemp("sharded")
+    cfg = write_config_file(tmp / "config.py", data_dir, num_steps=STEPS, ckpt_every=2)
+    t0 = time.perf_counter()
+    train(load_config_file(cfg), str(tmp / "A"))
+    t_a = time.perf_counter() - t0
+    b, c = lane["sharded_B"], lane["sharded_C"]
+    pb = b.result(timeout=600)
+    assert pb.returncode == 0, f"8-device run exited {pb.returncode}\n{pb.stdout[-3000:]}\n{pb.stderr[-3000:]}"
+    pc = c.result(timeout=600)
+    logs = {p.name: p.read_text() for p in sorted((c.directory / "logs").iterdir())}
+    assert pc.returncode == 0, pc.stderr[-2000:] + "".join(f"\n--- {k}\n{v[-3000:]}" for k, v in logs.items())
+    print(f"\nrun A (1 device, in process) {t_a:.1f} s; in the background: B (8 devices) {b.seconds:.1f} s, "
+          f"C (2 processes x 4 devices) {c.seconds:.1f} s; waited {time.perf_counter() - t0 - t_a:.1f} s for them")
+    dirs = {"A": str(tmp / "A"), "B": str(b.directory / "B"), "C": str(c.directory / "C")}
+    return dict(tmp=tmp, cfg=cfg, dirs=dirs, b=json.loads(pb.stdout.strip().splitlines()[-1]), logs=logs)
 
 
 def _losses(workdir: str) -> np.ndarray:
@@ -225,7 +240,7 @@ def test_checkpoint_from_eight_devices_resumes_on_one(runs):
     _assert_same_params(_final_state(runs["cfg"], runs["dirs"]["A"]), _final_state(runs["cfg"], resumed))
 
 
-def test_bad_inputs_fail_before_compiling(runs, tmp_path):
+def test_bad_inputs_fail_before_compiling(runs, lane):
     errors = runs["b"]["errors"]
     expected = {
         "mesh": "config.mesh: device count 8 is not divisible by the fixed mesh sizes",
@@ -245,20 +260,17 @@ def test_bad_inputs_fail_before_compiling(runs, tmp_path):
         with pytest.raises(ValueError, match=msg):
             mesh_from_config(cfg)
     assert dict(mesh_from_config({}).shape) == {"data": 1, "fsdp": 1, "tensor": 1}
-    # Through the command line: exit status 2 and one line (a mesh of 2 devices on this machine's 1).
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    p = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ediffi-train"), "--config", runs["cfg"],
-                        "--workdir", str(tmp_path / "w"), "--config.mesh.fsdp=2"],
-                       capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    # Through the command line (in the background): exit status 2 and one line.
+    run = lane["sharded_bad_mesh"]
+    p = run.result(timeout=300)
     lines = [line for line in p.stderr.splitlines() if line.strip()]
     assert p.returncode == 2, p.stderr[-2000:]
     assert lines[-1] == ("ediffi-train: error: config.mesh: device count 1 is not divisible by the fixed mesh "
                          "sizes {'data': -1, 'fsdp': 2, 'tensor': 1}"), lines
-    assert not (tmp_path / "w").exists()
+    assert not (run.directory / "w").exists()
 
 
-def test_plan_of_the_paper_model_on_32_devices():
+def test_plan_of_the_paper_model_on_32_devices(lane):
     """base64 + T5-XXL + CLIP-L text/vision on data 8 × fsdp 4 (the figures quoted in docs/scaling.md)."""
     from ediffi_jax.models.t5 import T5Config
     from ediffi_jax.train.plan import format_plan, parse_mesh, plan, resolve_mesh
@@ -286,10 +298,7 @@ def test_plan_of_the_paper_model_on_32_devices():
         resolve_mesh(parse_mesh("data=-1,fsdp=3"), 32)
     with pytest.raises(ValueError, match="not divisible by the data x fsdp mesh size 3"):
         plan(load_config_file(os.path.join(REPO, "configs", "base64.py")), parse_mesh("fsdp=3"))
-    p = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ediffi-plan"), "--config",
-                        "configs/base64.py", "--mesh", "data=-1,fsdp=3"],
-                       capture_output=True, text=True, cwd=REPO, timeout=120,
-                       env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+    p = lane["plan_bad_mesh"].result(timeout=300)
     assert p.returncode == 2 and p.stdout == "", p.stderr[-2000:]
     assert p.stderr.strip().splitlines() == [
         "ediffi-plan: error: device count 1 is not divisible by the fixed mesh sizes "

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import jax
 import pytest
 from flax import nnx
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
-from multidevice import run_multidevice
+from multidevice import Background, multidevice_env
 
 from ediffi_jax import sharding
 from ediffi_jax.models.clip import CLIPTextConfig, CLIPTextEncoder, CLIPVisionConfig, CLIPVisionEncoder
@@ -177,8 +179,19 @@ print(json.dumps(results))
 """
 
 
-def test_sharded_forward_matches_unsharded():
-    results = json.loads(run_multidevice(_MULTIDEVICE, devices=8).strip().splitlines()[-1])
+def _sharded_forward(directory: Path) -> Background:
+    script = directory / "sharded_forward.py"
+    script.write_text(_MULTIDEVICE)
+    return Background([sys.executable, str(script)], env=multidevice_env(8))
+
+
+BACKGROUND = {"sharded_forward": _sharded_forward}  # started at the beginning of the session (tests/conftest.py)
+
+
+def test_sharded_forward_matches_unsharded(lane):
+    p = lane["sharded_forward"].result(timeout=300)
+    assert p.returncode == 0, f"--- stdout ---\n{p.stdout[-3000:]}\n--- stderr ---\n{p.stderr[-3000:]}"
+    results = json.loads(p.stdout.strip().splitlines()[-1])
     assert len(results) == 7
     for key, r in results.items():
         print(f"{key}: max|diff| {r['diff']:.2e} (max|out| {r['scale']:.2f}), {r['split']}/{r['params']} params "

@@ -129,8 +129,14 @@ def test_train_step_feeds_the_network_the_augmented_low_res_input(monkeypatch):
     monkeypatch.setattr(step_mod, "_net", spy)
     batch = {"image": jnp.zeros((b, r, r, 3)), "lowres": jnp.zeros((b, r // 2, r // 2, 3))}
     state = step_mod.init_train_state(params, tx)
-    step_mod.train_step(state, batch, None, jax.random.PRNGKey(0), graphdef=graphdef, encode=lambda _, x: enc,
-                        tx=tx, spec=spec)
+
+    @jax.jit  # compiled, not op by op: what the spy saw while tracing comes back as an output
+    def step_and_seen(state, batch):
+        step_mod.train_step(state, batch, None, jax.random.PRNGKey(0), graphdef=graphdef, encode=lambda _, x: enc,
+                            tx=tx, spec=spec)
+        return dict(seen)
+
+    seen = step_and_seen(state, batch)
     x_cond = np.asarray(seen["x_cond"])
     assert x_cond.shape == (b, r, r, 3)
     ref = np.asarray(sr.upsample(jax.random.normal(jax.random.PRNGKey(9), (64, r // 2, r // 2, 3)), (r, r))).std()
@@ -144,6 +150,7 @@ def test_train_step_feeds_the_network_the_augmented_low_res_input(monkeypatch):
     graphdef, params = step_mod.split_model(model)
     state = step_mod.init_train_state(params, tx)
 
+    @jax.jit
     def loss(lowres):
         _, m = step_mod.train_step(state, {**batch, "lowres": lowres}, None, jax.random.PRNGKey(0),
                                    graphdef=graphdef, encode=lambda _, x: enc, tx=tx, spec=spec)

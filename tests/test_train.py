@@ -4,6 +4,7 @@ equals an uninterrupted run bit for bit: tests/test_fault_tolerance.py)."""
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import micro_config
@@ -27,16 +28,17 @@ def test_training_lowers_the_loss(trained_run):
 
 def test_checkpoint_round_trip_is_exact(tmp_path):
     config = micro_config(str(tmp_path))
-    graphdef, params = split_model(build_model(config, 0))
     tx = make_optimizer(config.optim)
-    state = init_train_state(params, tx)
-    # Make every leaf distinct from its initial value (incl. optimizer moments and step).
-    state = jax.tree.map(lambda x: x + 0.5 if x.dtype.kind == "f" else x + 7, state)
+    abstract = jax.eval_shape(lambda: init_train_state(split_model(build_model(config, 0))[1], tx))
+    # Every leaf random and distinct from any initial value (incl. optimizer moments and step), made on the host:
+    # no compile per parameter shape.
+    rng = np.random.default_rng(0)
+    state = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape).astype(a.dtype) if a.dtype.kind == "f"
+                                               else rng.integers(1, 1000, a.shape).astype(a.dtype)), abstract)
     ckpt = Checkpointer(str(tmp_path / "w"))
     ckpt.save(7, state, {"iterator": "state-7"}, config, force=True)
     ckpt.wait()
-    fresh = init_train_state(split_model(build_model(config, 1))[1], tx)
-    restored, data_state, step = ckpt.restore(abstract_like(fresh))
+    restored, data_state, step = ckpt.restore(abstract_like(abstract))
     ckpt.close()
     assert step == 7 and data_state == {"iterator": "state-7"}
     a, b = jax.tree.leaves(state), jax.tree.leaves(restored)
@@ -49,7 +51,7 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
 
 def test_workdir_of_another_model_shape_is_refused(trained_run):
     config, workdir, _ = trained_run
-    other = micro_config(config.data.data_dir)
+    other = config.copy_and_resolve_references()
     other.model.channels = 24
     before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
     config_before = open(os.path.join(workdir, "config.json")).read()
