@@ -52,7 +52,8 @@ def load_inception(weights: str, input_size: int = inception.INPUT_SIZE) -> nnx.
     return ResizedInception(inception.load_pytorch_fid_weights(weights, resize_input=False), input_size)
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -64,7 +65,7 @@ def inception_info(weights: str, input_size: int) -> dict[str, Any]:
     """What a report records about the feature extractor, with a note when the numbers are not FIDs comparable
     with published ones (other input size, or a weights file whose SHA-256 does not start with the hash in the
     name of pytorch-fid's release file — e.g. the random weights of `ediffi_jax.eval.smoke`)."""
-    sha = _sha256(weights)
+    sha = file_sha256(weights)
     official = sha.startswith(OFFICIAL_SHA256_PREFIX)
     info: dict[str, Any] = {"weights": os.path.abspath(weights), "sha256": sha, "input_size": int(input_size),
                             "pytorch_fid_weights": official, "notes": []}

@@ -52,6 +52,18 @@ def _check_stats(mu: np.ndarray, sigma: np.ndarray, name: str) -> None:
         raise ValueError(f"{name}: mu must be (d,) and sigma (d, d), got mu {mu.shape} and sigma {sigma.shape}")
 
 
+def _float64_pair(mu1, sigma1, mu2, sigma2) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Both statistics as float64 (μ 1-d, Σ 2-d), checked for shape and for a common dimension."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    _check_stats(mu1, sigma1, "first statistics")
+    _check_stats(mu2, sigma2, "second statistics")
+    if mu1.shape != mu2.shape:
+        raise ValueError(f"the statistics have different dimensions: {mu1.shape[0]} and {mu2.shape[0]} "
+                         "(both must come from the same feature layer, e.g. 2048-d pool3)")
+    return mu1, sigma1, mu2, sigma2
+
+
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
                      eps: float = 1e-6) -> float:
     """Fréchet distance ‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^½) between N(μ₁, Σ₁) and N(μ₂, Σ₂), in float64.
@@ -61,13 +73,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     ``eps·I`` is added to both covariances and the square root recomputed; a small imaginary part left by
     rounding is dropped, and a large one (|imag| > 1e-3 on the diagonal) raises ValueError.
     """
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    _check_stats(mu1, sigma1, "first statistics")
-    _check_stats(mu2, sigma2, "second statistics")
-    if mu1.shape != mu2.shape:
-        raise ValueError(f"the statistics have different dimensions: {mu1.shape[0]} and {mu2.shape[0]} "
-                         "(both must come from the same feature layer, e.g. 2048-d pool3)")
+    mu1, sigma1, mu2, sigma2 = _float64_pair(mu1, sigma1, mu2, sigma2)
     diff = mu1 - mu2
     covmean = _sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
@@ -93,13 +99,7 @@ def frechet_distance_eigh(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, 
     eps fallback (a non-finite ``sqrtm``): there this has no eps, so use `frechet_distance` for numbers that
     must match pytorch-fid digit for digit. Negative eigenvalues from rounding are clipped at 0.
     """
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    _check_stats(mu1, sigma1, "first statistics")
-    _check_stats(mu2, sigma2, "second statistics")
-    if mu1.shape != mu2.shape:
-        raise ValueError(f"the statistics have different dimensions: {mu1.shape[0]} and {mu2.shape[0]} "
-                         "(both must come from the same feature layer, e.g. 2048-d pool3)")
+    mu1, sigma1, mu2, sigma2 = _float64_pair(mu1, sigma1, mu2, sigma2)
     diff = mu1 - mu2
     x = None if features1 is None else np.asarray(features1, np.float64)
     if x is not None and x.shape[0] - 1 < x.shape[1]:

@@ -33,7 +33,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from ediffi_jax.eval.features import image_features, image_statistics, inception_info, load_inception
+from ediffi_jax.eval.features import file_sha256, image_features, image_statistics, inception_info, load_inception
 from ediffi_jax.eval.fid import compute_statistics, frechet_distance, frechet_distance_eigh
 from ediffi_jax.eval.folder import CAPTIONS_FILE, ImageFolder, image_name, load_image, read_captions
 from ediffi_jax.eval.generate import Generator, generate_folder
@@ -184,14 +184,6 @@ def run_data_config(workdir: str | None = None, cascade: str | None = None) -> m
         return ml_collections.ConfigDict(json.load(f)["data"])
 
 
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _fingerprint(folder: str, n: int) -> str:
     """SHA-1 of (name, size, mtime) of images 0..n-1 and of captions.jsonl's bytes: changes when any is rewritten."""
     h = hashlib.sha1()
@@ -256,7 +248,7 @@ def run_scales(generator: Generator, captions: Sequence[str], scales: Sequence[f
             report["notes"].append(report["clip"].pop("note"))
     depends: dict[str, Any] = {}  # what each metric's value depends on, besides the images
     if "fid" in metrics:
-        depends["fid"] = {"reference_sha256": _file_sha256(ref[2]["stats"]) if ref[2].get("stats") else None,
+        depends["fid"] = {"reference_sha256": file_sha256(ref[2]["stats"]) if ref[2].get("stats") else None,
                           "inception_sha256": report["inception"]["sha256"],
                           "input_size": report["inception"]["input_size"], "method": c.fid_method}
     if "clip_score" in metrics:
