@@ -112,7 +112,7 @@ def paint_bias(logits: jax.Array, sigma: jax.Array, a: jax.Array, w: jax.Array |
 def make_attn_bias_fn(maps: Mapping[str, jax.Array], sigma: jax.Array, w: jax.Array | float, fn: str = "paper"):
     """An `AttnBiasFn` for `UNet(attn_bias_fn=...)`: looks up A of the layer's (h, w) in `maps` (keys "HxW",
     from `PaintMaps.arrays`) and returns w·A for those logits."""
-    weight = weight_fn(fn)
+    weight_fn(fn)  # an unknown name fails here, not inside the trace
 
     def bias(logits: jax.Array, size: tuple[int, int]) -> jax.Array:
         key = f"{size[0]}x{size[1]}"
@@ -122,7 +122,7 @@ def make_attn_bias_fn(maps: Mapping[str, jax.Array], sigma: jax.Array, w: jax.Ar
         if a.shape[-1] != logits.shape[-1]:
             raise ValueError(f"paint-with-words token map has {a.shape[-1]} tokens, the layer attends to "
                              f"{logits.shape[-1]}")
-        return weight(logits.astype(jnp.float32), sigma, w) * a[:, None]
+        return paint_bias(logits, sigma, a, w, fn)
 
     return bias
 

@@ -103,9 +103,15 @@ def conditioning(
     return {"x_cond": upsample(scaled, size), "extra_cond": edm.c_noise(s).reshape(-1, 1)}
 
 
-def sample_sigma_aug(key: jax.Array, config: ml_collections.ConfigDict, batch: int) -> jax.Array:
-    """Training σ_aug: ln σ_aug ~ N(aug_p_mean, aug_p_std²)."""
-    return jnp.exp(config.sr.aug_p_mean + config.sr.aug_p_std * jax.random.normal(key, (batch,), jnp.float32))
+def sampling_conditioning(
+    key: jax.Array, lowres: jax.Array, sigma_aug: float, size: tuple[int, int], sigma_data: float = edm.SIGMA_DATA
+) -> dict[str, jax.Array]:
+    """An SR stage's inputs at sampling: the fixed σ_aug (> 0) for every example, x̃_lr = x_lr + σ_aug·ε, then
+    `conditioning`."""
+    if not sigma_aug > 0:
+        raise ValueError(f"sigma_aug must be > 0, got {sigma_aug}")
+    s = jnp.full((lowres.shape[0],), sigma_aug, jnp.float32)
+    return conditioning(augment(key, jnp.asarray(lowres), s), s, size, sigma_data)
 
 
 def check_stage_input(lowres_hw: tuple[int, int], config: ml_collections.ConfigDict, stage: str = "SR stage"):
@@ -123,4 +129,4 @@ def check_stage_input(lowres_hw: tuple[int, int], config: ml_collections.ConfigD
 
 
 __all__ = ["aligned_crop", "augment", "check_stage_input", "conditioning", "downsample", "is_sr", "pair_transform",
-           "sample_sigma_aug", "sr_config", "upsample"]
+           "sampling_conditioning", "sr_config", "upsample"]

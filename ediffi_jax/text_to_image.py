@@ -316,11 +316,8 @@ class TextToImage:
         x = x.astype(np.float32) / 127.5 - 1.0 if x.dtype == np.uint8 else x.astype(np.float32)
         f = int(self.config.sr.factor)
         s_aug = float(self.config.sr.sample_sigma_aug if sigma_aug is None else sigma_aug)
-        if not s_aug > 0:
-            raise ValueError(f"sigma_aug must be > 0, got {s_aug}")
-        s_aug = jnp.full((n,), s_aug, jnp.float32)
         out_hw = (x.shape[1] * f, x.shape[2] * f)
-        cond = sr.conditioning(sr.augment(key, jnp.asarray(x), s_aug), s_aug, out_hw, self.config.edm.sigma_data)
+        cond = sr.sampling_conditioning(key, x, s_aug, out_hw, self.config.edm.sigma_data)
         return out_hw, cond
 
     @staticmethod

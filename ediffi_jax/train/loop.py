@@ -449,9 +449,10 @@ def evaluate(
     cond = None
     if sr.is_sr(config):
         hr = np.stack([pipeline.decode_image(val_src[i]["image"]) for i in range(n)]).astype(np.float32) / 127.5 - 1
-        s_aug = jnp.full((n,), config.sr.sample_sigma_aug, jnp.float32)
-        lowres = sr.augment(jax.random.fold_in(key, 2), jnp.asarray(sr.downsample(hr, int(config.sr.factor))), s_aug)
-        cond = jax.tree.map(np.asarray, sr.conditioning(lowres, s_aug, (r, r), config.edm.sigma_data))
+        lowres = sr.downsample(hr, int(config.sr.factor))
+        cond = jax.tree.map(np.asarray, sr.sampling_conditioning(jax.random.fold_in(key, 2), lowres,
+                                                                 float(config.sr.sample_sigma_aug), (r, r),
+                                                                 config.edm.sigma_data))
     sample = _eval_sampler(graphdef, HeunConfig.from_config(config.sample), config.edm.sigma_data)
     s = np.float32(config.sample.guidance_scale)
     out = sample(state.ema, embeddings, noise, np.asarray(key), s, s, cond=cond)
