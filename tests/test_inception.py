@@ -1,11 +1,11 @@
 """FID InceptionV3 (`ediffi_jax.models.inception`) against a PyTorch reference of pytorch-fid's network.
 
-pytorch-fid 0.3.0 imports torchvision, whose PyPI wheels are CUDA builds that do not load next to the CPU
-torch of this venv (and no CPU torchvision wheel is reachable), so the reference below is written here from
-pytorch-fid's published architecture (torchvision ``Inception3`` with the FIDInceptionA/C/E_1/E_2 patches,
-``resize_input`` and ``normalize_input``), with torchvision's module names so its state dict has the same keys
-as ``pt_inception-2015-12-05-6726825d.pth``. It uses torch's own pooling / interpolation kernels, so it checks
-our hand-written pooling (count_include_pad=False, -inf padding) and bilinear resize independently.
+The pytorch-fid package itself is the reference in test_pytorch_fid_parity.py (it reuses this module's fixtures). The
+reference below is an independent one, written here from pytorch-fid's published architecture (torchvision
+``Inception3`` with the FIDInceptionA/C/E_1/E_2 patches, ``resize_input`` and ``normalize_input``), with torchvision's
+module names so its state dict has the same keys as ``pt_inception-2015-12-05-6726825d.pth``. It uses torch's own
+pooling / interpolation kernels, so it checks our hand-written pooling (count_include_pad=False, -inf padding) and
+bilinear resize independently.
 """
 
 import numpy as np
