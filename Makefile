@@ -9,10 +9,11 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: demo test lint clean
 
-$(STAMP): setup.py
+$(STAMP): setup.py tests/reference-requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/reference -r tests/reference-requirements.txt
 	touch $(STAMP)
 
 demo: $(STAMP)

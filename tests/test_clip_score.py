@@ -64,7 +64,7 @@ def test_preprocessing_matches_hf_image_processor(clip_dir, scorer):
 def test_clip_score_matches_torch_clipmodel(clip_dir, scorer):
     images = _images(10, seed=1)
     captions = [CAPTIONS[i] for i in range(9)] + [LONG]
-    ours = scorer.scores(zip(images, captions), batch_size=4, total=10, progress=False)  # 4 + 4 + 2 (padded)
+    ours = scorer.scores(zip(images, captions), batch_size=4, progress=False)  # 4 + 4 + 2 (padded)
 
     hf = transformers.CLIPModel.from_pretrained(clip_dir).eval()
     tok = scorer.tokenizer(captions)

@@ -171,11 +171,16 @@ def test_extract_features_one_device_equals_eight(tmp_path):
 
 
 def test_extract_features_rejects_bad_input():
+    model = random_fid_model()
     with pytest.raises(ValueError, match="uint8 RGB"):
-        next(fid._batches([np.zeros((8, 8, 3), np.float32)], 4))
+        fid.extract_features(model, [np.zeros((8, 8, 3), np.float32)], 4, progress=False)
     with pytest.raises(ValueError, match="uint8 RGB"):
-        next(fid._batches([np.zeros((8, 8), np.uint8)], 4))
-    with pytest.raises(ValueError, match="must share a size"):
-        next(fid._batches([np.zeros((8, 8, 3), np.uint8), np.zeros((9, 8, 3), np.uint8)], 4))
-    batches = list(fid._batches([np.zeros((5, 4, 4, 3), np.uint8), np.zeros((4, 4, 3), np.uint8)], 4))
-    assert [len(b) for b in batches] == [4, 2]
+        fid.extract_features(model, [np.zeros((8, 8), np.uint8)], 4, progress=False)
+    with pytest.raises(ValueError, match=r"image 1 does not have the shape of image 0 .*must share a size"):
+        fid.extract_features(model, [np.zeros((8, 8, 3), np.uint8), np.zeros((9, 8, 3), np.uint8)], 4,
+                             progress=False)
+    with pytest.raises(ValueError, match="got no images"):
+        fid.extract_features(model, [], 4, progress=False)
+    # (n, H, W, 3) batches and single images flatten into one indexed source
+    src = fid.as_indexed([np.zeros((5, 4, 4, 3), np.uint8), np.zeros((4, 4, 3), np.uint8)])
+    assert len(src) == 6 and src.load(5).shape == (4, 4, 3)

@@ -45,11 +45,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 from PIL import Image
-from tqdm.auto import tqdm
 
+from ediffi_jax.eval import distributed
 from ediffi_jax.eval.fid import data_mesh
 from ediffi_jax.models import clip as clip_lib
 from ediffi_jax.tokenizers import TextTokenizer, load_tokenizer
@@ -108,6 +106,22 @@ def _size(value: Any, key: str) -> int | None:
     if isinstance(value, dict) and isinstance(value.get("height"), int):
         return value["height"]
     return None
+
+
+class _PairList:
+    """An indexed source over an in-memory list of (image, caption) pairs."""
+
+    def __init__(self, pairs: list):
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def load(self, i: int) -> Any:
+        return self.pairs[i]
+
+    def name(self, i: int) -> str:
+        return f"pair {i}"
 
 
 class CLIPScorer:
@@ -175,56 +189,44 @@ class CLIPScorer:
         x = np.stack([self.preprocess(im) for im in images]).astype(np.float32) / np.float32(255.0)
         return (x - self.mean) / self.std
 
-    def scores(self, pairs: Iterable[tuple[np.ndarray, str]], *, batch_size: int = 32, total: int | None = None,
-               progress: bool = True, mesh: Any = None) -> np.ndarray:
-        """Per-pair 100 · cos (unclamped, float32) of a stream of (uint8 image, caption) pairs."""
+    def scores(self, pairs: Any, *, batch_size: int = 32, need: int | None = None, progress: bool = True,
+               mesh: Any = None, result: bool = False) -> np.ndarray | distributed.MapResult:
+        """Per-pair 100 · cos (unclamped, float32) of (uint8 image, caption) pairs: a list / iterator of pairs,
+        or an indexed source (``__len__``, ``load(i)`` → a pair or None when unreadable, ``name(i)``).
+
+        On every device of every process (`ediffi_jax.eval.distributed.map_indexed`; each process preprocesses
+        the pairs of its rows); ``need``: the first ``need`` readable pairs; ``result=True`` returns the
+        `MapResult` (kept / skipped indices) instead of the array."""
         mesh = data_mesh() if mesh is None else mesh
         batch_size = -(-batch_size // mesh.size) * mesh.size
-        rep, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(tuple(mesh.axis_names)))
-        states = jax.device_put((self.text_state, self.vision_state), rep)
-        consts = jax.device_put((jnp.asarray(self.mean), jnp.asarray(self.std)), rep)
-        out: list[np.ndarray] = []
-        pending = None
-
-        def flush(images: list[np.ndarray], captions: list[str]):
-            n = len(images)
-            images += [images[-1]] * (batch_size - n)
-            captions += [captions[-1]] * (batch_size - n)
-            tok = self.tokenizer(captions)
-            args = jax.device_put((np.stack(images), tok["ids"], tok["mask"]), split)
-            with jax.default_matmul_precision("float32"):
-                return _pair_scores(self.text_def, self.vision_def, *states, *args, *consts), n
-
-        images: list[np.ndarray] = []
-        captions: list[str] = []
-        with tqdm(total=total, unit="pair", desc="CLIP score", disable=not progress) as bar:
-            for image, caption in pairs:
-                images.append(self.preprocess(image))
-                captions.append(str(caption))
-                if len(images) == batch_size:
-                    result = flush(images, captions)
-                    images, captions = [], []
-                    if pending is not None:  # fetch the previous batch after dispatching this one
-                        out.append(np.asarray(pending[0])[: pending[1]])
-                        bar.update(pending[1])
-                    pending = result
-            if images:
-                result = flush(images, captions)
-                if pending is not None:
-                    out.append(np.asarray(pending[0])[: pending[1]])
-                    bar.update(pending[1])
-                pending = result
-            if pending is not None:
-                out.append(np.asarray(pending[0])[: pending[1]])
-                bar.update(pending[1])
-        if not out:
+        if not hasattr(pairs, "load"):
+            pairs = _PairList(list(pairs))
+        if len(pairs) == 0:
             raise ValueError("CLIP score got no (image, caption) pairs")
-        return np.concatenate(out).astype(np.float32)
+
+        def load(i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+            pair = pairs.load(i)
+            if pair is None:
+                return None
+            tok = self.tokenizer([str(pair[1])])
+            return self.preprocess(pair[0]), tok["ids"][0], tok["mask"][0]
+
+        def step(text_state, vision_state, mean, std, pixels, ids, mask):
+            with jax.default_matmul_precision("float32"):
+                return _pair_scores(self.text_def, self.vision_def, text_state, vision_state, pixels, ids, mask,
+                                    mean, std)
+
+        out = distributed.map_indexed(
+            step, load, len(pairs), batch_size, mesh=mesh, need=need, progress=progress, desc="CLIP score",
+            unit="pair", name=pairs.name,
+            replicated=(self.text_state, self.vision_state, jnp.asarray(self.mean), jnp.asarray(self.std)))
+        out.outputs = out.outputs.astype(np.float32)
+        return out if result else out.outputs
 
     def score(self, images: Iterable[np.ndarray], captions: Sequence[str], **kw: Any) -> float:
         """The CLIP score of images[i] ↔ captions[i] (same length), see the module docstring."""
         images = list(images)
         if len(images) != len(captions):
             raise ValueError(f"{len(images)} images but {len(captions)} captions")
-        s = self.scores(zip(images, captions), total=len(images), **kw)
+        s = self.scores(list(zip(images, captions)), **kw)
         return float(np.mean(np.maximum(s, 0.0)))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable
 from typing import Any
 
 import jax
@@ -80,18 +79,22 @@ def inception_info(weights: str, input_size: int) -> dict[str, Any]:
     return info
 
 
-def image_features(model: nnx.Module, images: Iterable[np.ndarray], batch_size: int, *,
-                   total: int | None = None, progress: bool = True) -> np.ndarray:
-    """(N, 2048) float32 pool3 features of a stream of uint8 images (`ediffi_jax.eval.fid.extract_features`;
-    ``batch_size`` is rounded up to a multiple of the device count)."""
+def image_features(model: nnx.Module, images: Any, batch_size: int, *, progress: bool = True) -> np.ndarray:
+    """(N, 2048) float32 pool3 features of uint8 images (`ediffi_jax.eval.fid.extract_features`, on every device
+    of every process; ``batch_size`` is rounded up to a multiple of the device count). An indexed source with a
+    ``need`` attribute gives its first ``need`` readable images, and its ``account(kept, skipped)`` is called."""
     n_dev = jax.device_count()
     batch_size = -(-batch_size // n_dev) * n_dev
-    return extract_features(model, images, batch_size, total=total, progress=progress)
+    out = extract_features(model, images, batch_size, need=getattr(images, "need", None), progress=progress,
+                           result=True)
+    if hasattr(images, "account"):
+        images.account(len(out.kept), out.skipped)
+    return out.outputs
 
 
-def image_statistics(model: nnx.Module, images: Iterable[np.ndarray], batch_size: int, *,
-                     total: int | None = None, progress: bool = True) -> tuple[np.ndarray, np.ndarray, int]:
-    """(μ, Σ, N) of the pool3 features of a stream of uint8 images (see `image_features`)."""
-    feats = image_features(model, images, batch_size, total=total, progress=progress)
+def image_statistics(model: nnx.Module, images: Any, batch_size: int, *,
+                     progress: bool = True) -> tuple[np.ndarray, np.ndarray, int]:
+    """(μ, Σ, N) of the pool3 features of uint8 images (see `image_features`)."""
+    feats = image_features(model, images, batch_size, progress=progress)
     mu, sigma = compute_statistics(feats)
     return mu, sigma, int(feats.shape[0])

@@ -34,10 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 from scipy import linalg
-from tqdm.auto import tqdm
+
+from ediffi_jax.eval import distributed
 
 __all__ = ["frechet_distance", "frechet_distance_eigh", "compute_statistics", "save_statistics", "load_statistics",
            "fid_from_statistics_files", "extract_features", "data_mesh"]
@@ -164,73 +164,67 @@ def _features(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array) -> ja
     return nnx.merge(graphdef, state)(images.astype(jnp.float32) / 255.0)
 
 
-def _batches(images: Iterable[np.ndarray], batch_size: int):
-    """Regroups a stream of (H, W, 3) images and/or (n, H, W, 3) arrays into (≤ batch_size, H, W, 3) uint8."""
-    pending: list[np.ndarray] = []
-    count = 0
-    for item in images:
-        a = np.asarray(item)
-        if a.dtype != np.uint8 or a.ndim not in (3, 4) or a.shape[-1] != 3:
-            raise ValueError(f"extract_features takes uint8 RGB images (H, W, 3) or batches (n, H, W, 3); got "
-                             f"dtype {a.dtype}, shape {a.shape}")
-        a = a[None] if a.ndim == 3 else a
-        while len(a):
-            take = a[: batch_size - count]
-            a = a[len(take):]
-            pending.append(take)
-            count += len(take)
-            if count == batch_size:
-                yield _stack(pending)
-                pending, count = [], 0
-    if pending:
-        yield _stack(pending)
+def _check_image(a: np.ndarray) -> np.ndarray:
+    if a.dtype != np.uint8 or a.ndim not in (3, 4) or a.shape[-1] != 3:
+        raise ValueError(f"extract_features takes uint8 RGB images (H, W, 3) or batches (n, H, W, 3); got "
+                         f"dtype {a.dtype}, shape {a.shape}")
+    return a
 
 
-def _stack(parts: list[np.ndarray]) -> np.ndarray:
-    shapes = {p.shape[1:] for p in parts}
-    if len(shapes) > 1:
-        raise ValueError(f"images in one batch must share a size, got {sorted(shapes)}: resize or crop them first")
-    return np.concatenate(parts)
+class _InMemory:
+    """An `IndexedImages` view of in-memory images: (H, W, 3) arrays and/or (n, H, W, 3) batches, flattened."""
+
+    def __init__(self, images: Iterable[np.ndarray]):
+        self.images = [row for a in images for row in (lambda b: b if b.ndim == 4 else b[None])(
+            _check_image(np.asarray(a)))]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load(self, i: int) -> np.ndarray:
+        return self.images[i]
+
+    def name(self, i: int) -> str:
+        return f"image {i}"
 
 
-def extract_features(model: nnx.Module, images_uint8_iter: Iterable[np.ndarray], batch_size: int,
-                     mesh: Mesh | None = None, *, total: int | None = None, progress: bool = True) -> np.ndarray:
-    """(N, d) float32 features of a stream of uint8 RGB images under ``model`` (the FID `InceptionV3`).
+def as_indexed(images: Any) -> Any:
+    """``images`` as an *indexed image source*: an object with ``__len__``, ``load(i)`` (uint8 [H, W, 3], or
+    `distributed.UNREADABLE` to skip it) and ``name(i)`` — returned as is when it has ``load`` (e.g.
+    `ediffi_jax.eval.folder.ImageFolder`); otherwise a list / array / iterator of images or batches, read into
+    memory."""
+    return images if hasattr(images, "load") else _InMemory(images)
 
-    ``images_uint8_iter`` yields (H, W, 3) images or (n, H, W, 3) batches (same size within a batch of
-    ``batch_size``). Each batch goes to the accelerators as uint8, is divided by 255 and runs through ``model``
-    in one jitted call (the model resizes to 299 itself, see the module docstring), sharded over the batch:
-    the parameters are replicated and the batch split over every device of ``mesh`` (default: a 1-D
-    ``"data"`` mesh of ``jax.devices()``), so ``batch_size`` must be a multiple of the device count. One
-    process: on a multi-host job give each host ``data_mesh(jax.local_devices())`` and its own share of the
-    images, then concatenate the features. The last
-    batch is zero-padded to ``batch_size`` (one compiled shape) and the padding dropped. A tqdm bar counts
-    images (``total`` or ``len(images_uint8_iter)`` sets its length; ``progress=False`` hides it).
+
+def extract_features(model: nnx.Module, images: Any, batch_size: int, mesh: Mesh | None = None, *,
+                     need: int | None = None, total: int | None = None, progress: bool = True,
+                     result: bool = False) -> np.ndarray | distributed.MapResult:
+    """(N, d) float32 features under ``model`` (the FID `InceptionV3`) of uint8 RGB images (see `as_indexed`).
+
+    Each batch goes to the accelerators as uint8, is divided by 255 and runs through ``model`` in one jitted
+    call (the model resizes to 299 itself, see the module docstring), sharded over the batch: the parameters are
+    replicated and the batch split over every device of ``mesh`` (default: a 1-D ``"data"`` mesh of
+    ``jax.devices()``, every device of every process), so ``batch_size`` must be a multiple of the device count.
+    On several processes each one loads only the images of its devices' rows and every process returns all the
+    features (`ediffi_jax.eval.distributed.map_indexed`); the images must then be the same on every process (the
+    same folder, or the same list). The last batch is zero-padded (one compiled shape) and the padding dropped.
+    ``need``: the first ``need`` readable images only. A tqdm bar counts images (``progress=False`` hides it;
+    ``total`` is accepted for compatibility and ignored). ``result=True`` returns the `MapResult` (which images
+    were kept and which were unreadable) instead of the array.
     """
+    del total
     mesh = data_mesh() if mesh is None else mesh
-    if batch_size < 1 or batch_size % mesh.size:
-        raise ValueError(f"batch_size={batch_size} must be a positive multiple of the {mesh.size} devices "
-                         f"of the mesh")
-    graphdef, state = nnx.split(model)
-    state = jax.device_put(state, NamedSharding(mesh, P()))
-    batch_spec = NamedSharding(mesh, P(tuple(mesh.axis_names)))
-    if total is None and hasattr(images_uint8_iter, "__len__"):
-        total = len(images_uint8_iter)
-    out: list[np.ndarray] = []
-    pending = None  # (device array, real rows): fetched after the next batch is dispatched, to overlap
-    with tqdm(total=total, unit="img", desc="FID features", disable=not progress) as bar:
-        for batch in _batches(images_uint8_iter, batch_size):
-            n = len(batch)
-            if n < batch_size:
-                batch = np.concatenate([batch, np.zeros((batch_size - n, *batch.shape[1:]), np.uint8)])
-            result = _features(graphdef, state, jax.device_put(batch, batch_spec))
-            if pending is not None:
-                out.append(np.asarray(pending[0])[: pending[1]])
-                bar.update(pending[1])
-            pending = (result, n)
-        if pending is not None:
-            out.append(np.asarray(pending[0])[: pending[1]])
-            bar.update(pending[1])
-    if not out:
+    source = as_indexed(images)
+    if len(source) == 0:
         raise ValueError("extract_features got no images")
-    return np.concatenate(out).astype(np.float32)
+    graphdef, state = nnx.split(model)
+    out = distributed.map_indexed(
+        lambda st, x: _features(graphdef, st, x), lambda i: _load_one(source, i), len(source), batch_size,
+        mesh=mesh, need=need, replicated=(state,), progress=progress, desc="FID features", name=source.name)
+    out.outputs = out.outputs.astype(np.float32)
+    return out if result else out.outputs
+
+
+def _load_one(source: Any, i: int) -> tuple[np.ndarray] | None:
+    image = source.load(i)
+    return None if image is None else (image,)

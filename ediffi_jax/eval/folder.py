@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
 
 __all__ = ["IMAGE_SUFFIXES", "CAPTIONS_FILE", "image_name", "write_png", "list_images", "load_image",
-           "center_crop_resize", "ImageFolder", "write_captions", "read_captions"]
+           "center_crop_resize", "ImageFolder", "CaptionedImages", "write_captions", "read_captions"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTIONS_FILE = "captions.jsonl"
@@ -71,12 +71,13 @@ def load_image(path: str, resize: int | None = None) -> np.ndarray:
 
 
 class ImageFolder:
-    """Iterates the readable images of ``folder`` (sorted by name) as uint8 [H, W, 3] arrays, at most ``num``.
+    """The image files of ``folder`` (sorted by name) as an indexed image source for `extract_features`:
+    ``load(i)`` decodes file i (None when PIL cannot read it), ``need`` = ``num`` (the first ``num`` readable
+    images are used), and `account` records which files were skipped after a pass.
 
-    Unreadable files are skipped and listed in ``skipped``; ``read`` counts the images yielded. With ``num``,
-    a folder that lists fewer image files raises ValueError at construction, and one whose readable images run
-    out before ``num`` raises it at the end of the iteration (both messages give the counts). Without
-    ``resize`` every image must have the size of the first (a ValueError names the first that differs).
+    With ``num``, a folder that lists fewer image files raises ValueError at construction, and one whose readable
+    images run out before ``num`` raises it in `account` (both messages give the counts). Without ``resize``
+    every image must have the size of the first readable one (`extract_features` names the first that differs).
     """
 
     def __init__(self, folder: str, num: int | None = None, resize: int | None = None, what: str = "images"):
@@ -88,36 +89,32 @@ class ImageFolder:
             if len(self.names) < num:
                 raise ValueError(f"{folder}: holds {len(self.names)} image files but {num} {what} were requested "
                                  f"(--num): generate or add the missing ones, or lower --num")
+        if not self.names:
+            raise ValueError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
         self.skipped: list[str] = []
-        self.read = 0
+
+    @property
+    def need(self) -> int | None:
+        return self.num
 
     def __len__(self) -> int:
-        return len(self.names) if self.num is None else self.num
+        return len(self.names)
 
-    def __iter__(self) -> Iterator[np.ndarray]:
-        self.skipped, self.read = [], 0
-        first: tuple[str, tuple[int, ...]] | None = None
-        for name in self.names:
-            if self.num is not None and self.read == self.num:
-                break
-            try:
-                image = load_image(os.path.join(self.folder, name), self.resize)
-            except (OSError, ValueError, SyntaxError):  # PIL: UnidentifiedImageError (an OSError), truncated data
-                self.skipped.append(name)
-                continue
-            if first is None:
-                first = (name, image.shape)
-            elif image.shape != first[1]:
-                raise ValueError(f"{self.folder}: {name} is {image.shape[1]}x{image.shape[0]} but {first[0]} is "
-                                 f"{first[1][1]}x{first[1][0]}: images of one folder must share a size (for a "
-                                 f"reference folder pass --ref_resize N to centre-crop and resize them)")
-            self.read += 1
-            yield image
-        if self.num is not None and self.read < self.num:
-            raise ValueError(f"{self.folder}: only {self.read} readable {self.what} but {self.num} were requested "
+    def name(self, i: int) -> str:
+        return os.path.join(self.folder, self.names[i])
+
+    def load(self, i: int) -> np.ndarray | None:
+        try:
+            return load_image(os.path.join(self.folder, self.names[i]), self.resize)
+        except (OSError, ValueError, SyntaxError):  # PIL: UnidentifiedImageError (an OSError), truncated data
+            return None
+
+    def account(self, kept: int, skipped: Sequence[int]) -> None:
+        """Records the skipped files of a pass that read ``kept`` images; too few for ``num`` is a ValueError."""
+        self.skipped = [self.names[i] for i in skipped]
+        if self.num is not None and kept < self.num:
+            raise ValueError(f"{self.folder}: only {kept} readable {self.what} but {self.num} were requested "
                              f"(--num; {len(self.skipped)} unreadable file(s) skipped)")
-        if self.read == 0:
-            raise ValueError(f"{self.folder}: no readable images ({len(self.skipped)} unreadable file(s))")
 
     def skipped_line(self) -> str | None:
         """One line naming the skipped files (the first five), or None when none were skipped."""
@@ -125,6 +122,27 @@ class ImageFolder:
             return None
         names = ", ".join(self.skipped[:5]) + (", ..." if len(self.skipped) > 5 else "")
         return f"skipped {len(self.skipped)} unreadable image file(s) in {self.folder}: {names}"
+
+
+class CaptionedImages:
+    """(image, caption) pairs of a folder as an indexed source (see `ImageFolder`): ``pairs`` lists (file name,
+    caption), e.g. `read_captions` of its ``captions.jsonl``; ``load(i)`` is None when the file is missing or
+    unreadable."""
+
+    def __init__(self, folder: str, pairs: Sequence[tuple[str, str]]):
+        self.folder, self.pairs = folder, list(pairs)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def name(self, i: int) -> str:
+        return os.path.join(self.folder, self.pairs[i][0])
+
+    def load(self, i: int) -> tuple[np.ndarray, str] | None:
+        try:
+            return load_image(self.name(i)), self.pairs[i][1]
+        except (OSError, ValueError, SyntaxError):
+            return None
 
 
 def write_captions(folder: str, captions: Sequence[str]) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -33,12 +33,10 @@ class FolderReference:
     def __init__(self, folder: str, num: int | None = None, resize: int | None = None):
         self.images = ImageFolder(folder, num, resize, what="reference images")
         self.info = {"kind": "folder", "path": os.path.abspath(folder), "num": num, "resize": resize}
+        self.need, self.load, self.name, self.account = num, self.images.load, self.images.name, self.images.account
 
     def __len__(self) -> int:
         return len(self.images)
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        return iter(self.images)
 
     def note(self) -> str | None:
         return self.images.skipped_line()
@@ -57,8 +55,11 @@ class ShapesReference:
     def __len__(self) -> int:
         return len(self.source)
 
-    def __iter__(self) -> Iterator[np.ndarray]:
-        return (self.source[i]["image"] for i in range(len(self.source)))
+    def load(self, i: int) -> np.ndarray:
+        return self.source[i]["image"]
+
+    def name(self, i: int) -> str:
+        return f"shapes example {self.source.start + i}"
 
     def note(self) -> str | None:
         return None
@@ -90,12 +91,14 @@ class TFDSReference:
     def __len__(self) -> int:
         return self.num
 
-    def __iter__(self) -> Iterator[np.ndarray]:
+    def load(self, i: int) -> np.ndarray:
         from ediffi_jax.data.pipeline import decode_image
 
-        for i in range(self.num):
-            image = decode_image(self.source[i]["image"])
-            yield center_crop_resize(image, self.resize) if self.resize else image
+        image = decode_image(self.source[i]["image"])
+        return center_crop_resize(image, self.resize) if self.resize else image
+
+    def name(self, i: int) -> str:
+        return f"{self.info['path']} {self.info['split']}[{i}]"
 
     def note(self) -> str | None:
         return None
@@ -132,7 +135,7 @@ def reference_statistics(path: str, source: Any | None, model_fn: Callable[[], n
         raise ValueError(f"reference statistics file {path!r} not found and no reference images given to compute "
                          "it from (--ref_dir, --ref_tfds or --ref_shapes)")
     log(f"reference statistics: computing from {source.info}")
-    mu, sigma, n = image_statistics(model_fn(), source, batch_size, total=len(source), progress=progress)
+    mu, sigma, n = image_statistics(model_fn(), source, batch_size, progress=progress)
     note = source.note()
     if note:
         log(note)

@@ -35,7 +35,7 @@ import numpy as np
 
 from ediffi_jax.eval.features import file_sha256, image_features, image_statistics, inception_info, load_inception
 from ediffi_jax.eval.fid import compute_statistics, frechet_distance, frechet_distance_eigh
-from ediffi_jax.eval.folder import CAPTIONS_FILE, ImageFolder, image_name, load_image, read_captions
+from ediffi_jax.eval.folder import CAPTIONS_FILE, CaptionedImages, ImageFolder, image_name, read_captions
 from ediffi_jax.eval.generate import Generator, generate_folder
 from ediffi_jax.eval.reference import reference_statistics
 from ediffi_jax.eval.report import plot_curve, write_report
@@ -102,7 +102,7 @@ class Evaluator:
             if source is None:
                 raise ValueError("no reference: give --ref_stats (a .npz) or reference images (--ref_dir, --ref_tfds "
                                  "or --ref_shapes)")
-            mu, sigma, n = image_statistics(self.inception(), source, c.batch_size, total=len(source),
+            mu, sigma, n = image_statistics(self.inception(), source, c.batch_size,
                                             progress=c.progress)
             note = source.note()
             if note:
@@ -117,7 +117,7 @@ class Evaluator:
         (μ, Σ). Unreadable files are skipped, counted and logged in one line; fewer readable images than ``num``
         is a ValueError. Returns ``{"fid", "num", "skipped"}``."""
         images = ImageFolder(folder, num, what="generated images")
-        feats = image_features(self.inception(), images, self.config.batch_size, total=len(images),
+        feats = image_features(self.inception(), images, self.config.batch_size,
                                progress=self.config.progress)
         if images.skipped_line():
             self.config.log(images.skipped_line())
@@ -137,23 +137,10 @@ class Evaluator:
         pairs = read_captions(path)
         if num is not None and len(pairs) < num:
             raise ValueError(f"{path}: lists {len(pairs)} images but {num} were requested (--num)")
-        skipped: list[str] = []
-        state = {"read": 0}
-
-        def stream():
-            for name, caption in pairs:
-                if num is not None and state["read"] == num:
-                    return
-                try:
-                    image = load_image(os.path.join(folder, name))
-                except (OSError, ValueError, SyntaxError):
-                    skipped.append(name)
-                    continue
-                state["read"] += 1
-                yield image, caption
-
-        scores = self.clip().scores(stream(), batch_size=self.config.batch_size, total=num or len(pairs),
-                                    progress=self.config.progress)
+        source = CaptionedImages(folder, pairs)
+        out = self.clip().scores(source, batch_size=self.config.batch_size, need=num, progress=self.config.progress,
+                                 result=True)
+        scores, skipped = out.outputs, [pairs[i][0] for i in out.skipped]
         if skipped:
             names = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
             self.config.log(f"skipped {len(skipped)} missing or unreadable image file(s) in {folder}: {names}")
