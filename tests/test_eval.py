@@ -18,6 +18,8 @@ from PIL import Image
 
 pytest.importorskip("torch")
 
+from multidevice import Background, multidevice_env  # noqa: E402
+
 from ediffi_jax.eval import captions as cap  # noqa: E402
 from ediffi_jax.eval.commands import Options, parse_guidance, run_command  # noqa: E402
 from ediffi_jax.eval.fid import (  # noqa: E402
@@ -38,12 +40,48 @@ CLI = os.path.join(os.path.dirname(sys.executable), "ediffi-eval")
 NUM, BATCH, STEPS, SIZE = 8, 4, 2, 75  # 8 images in 2 batches of 4, 2 Heun steps, Inception at 75²
 
 
+def _write_weights(d: str) -> tuple[str, str]:
+    """Random Inception (.pth) and tiny CLIP, seeded: every call writes the same numbers."""
+    inc = write_random_inception(os.path.join(d, "pt_inception-random.pth"))
+    texts = [cap.shapes_examples(_data_config(), 64)[i]["caption"] for i in range(64)]
+    return inc, write_random_clip(os.path.join(d, "clip"), texts)
+
+
+def _curve_args(weights: tuple[str, str], out: str, guidance: str) -> list[str]:
+    return [CLI, "curve", "--workdir", TINY, "--shapes_captions", f"--num={NUM}", f"--guidance={guidance}",
+            f"--steps={STEPS}", f"--batch_size={BATCH}", f"--inception_weights={weights[0]}",
+            f"--inception_size={SIZE}", f"--clip_dir={weights[1]}", f"--out={out}", "--fid_method=eigh",
+            "--noprogress"]
+
+
+_TWO_PROCESSES = """
+import socket, subprocess, sys
+s = socket.socket(); s.bind(("localhost", 0)); port = s.getsockname()[1]; s.close()
+args, logs = ARGS, LOGS
+procs = [subprocess.Popen(args + ["--distributed", f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                                  f"--process_id={i}"], stdout=open(logs[i], "w"), stderr=subprocess.STDOUT)
+         for i in range(2)]
+codes = [p.wait() for p in procs]
+print(codes)
+sys.exit(max(codes))
+"""
+
+
+def _two_processes(directory) -> Background:
+    """`ediffi-eval curve --distributed` as 2 processes x 2 CPU devices (jax.distributed on localhost)."""
+    weights = _write_weights(str(directory))
+    args = _curve_args(weights, str(directory / "out"), "1")
+    logs = [str(directory / f"process_{i}.log") for i in range(2)]
+    code = f"ARGS, LOGS = {args!r}, {logs!r}\n" + _TWO_PROCESSES
+    return Background([sys.executable, "-c", code], env=multidevice_env(2))
+
+
+BACKGROUND = {"eval_two_processes": _two_processes}
+
+
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    d = tmp_path_factory.mktemp("weights")
-    inc = write_random_inception(str(d / "pt_inception-random.pth"))
-    texts = [cap.shapes_examples(_data_config(), 64)[i]["caption"] for i in range(64)]
-    return inc, write_random_clip(str(d / "clip"), texts)
+    return _write_weights(str(tmp_path_factory.mktemp("weights")))
 
 
 def _data_config():
@@ -274,11 +312,7 @@ def test_cli_curve_subprocess(curve, weights):
     """`ediffi-eval curve` in a fresh process on the same --out: scales 1 and 3 resume (no image generated, the
     same numbers as in this process), scale 5 is generated; report.json and curve.png hold all three."""
     report, out, _ = curve
-    args = [CLI, "curve", "--workdir", TINY, "--shapes_captions", f"--num={NUM}", "--guidance=1,3,5",
-            f"--steps={STEPS}", f"--batch_size={BATCH}", f"--inception_weights={weights[0]}",
-            f"--inception_size={SIZE}", f"--clip_dir={weights[1]}", f"--out={out}", "--fid_method=eigh",
-            "--noprogress"]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=REPO)
+    proc = subprocess.run(_curve_args(weights, out, "1,3,5"), capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(os.path.join(out, "report.json")) as f:
         cli = json.load(f)
@@ -301,3 +335,28 @@ def test_cli_bad_weights_exits_2_with_one_line(curve, tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("ediffi-eval")]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert lines[0].startswith("ediffi-eval: error: FID Inception weights file") and missing in lines[0]
+
+
+def test_two_processes_evaluate_like_one(curve, lane):
+    """`ediffi-eval curve --distributed`, 2 processes x 2 devices: each generated one of the two batches (images
+    bitwise those of the one-process run), Inception and CLIP ran over the 4 devices with each process decoding
+    its rows; FID and CLIP score equal the one-device numbers, and only process 0 wrote the report."""
+    report, out, _ = curve
+    run = lane["eval_two_processes"]
+    proc = run.result(timeout=900)
+    logs = {i: (run.directory / f"process_{i}.log").read_text() for i in range(2)}
+    assert proc.returncode == 0, proc.stdout + "\n".join(v[-3000:] for v in logs.values())
+    two = run.directory / "out"
+    a, b = (np.stack([np.asarray(Image.open(os.path.join(d, "guidance_1", image_name(i)))) for i in range(NUM)])
+            .astype(np.int32) for d in (out, two))
+    diff = np.abs(a - b)
+    print(f"generated images, 2 processes vs 1: max |diff| {diff.max()}, mean {diff.mean():.4f} (uint8 levels)")
+    assert diff.max() <= 4 and diff.mean() < 0.01  # same batches and seeds; float rounding of another XLA setup
+    with open(two / "report.json") as f:
+        result = json.load(f)["results"]["1"]
+    print(f"2 processes vs 1: FID {result['fid']:.6f} vs {report['results']['1']['fid']:.6f}, CLIP score "
+          f"{result['clip_score']:.6f} vs {report['results']['1']['clip_score']:.6f} ({run.seconds:.0f} s)")
+    assert result["num"] == NUM and result["generated"] == NUM
+    assert result["fid"] == pytest.approx(report["results"]["1"]["fid"], rel=1e-3)
+    assert result["clip_score"] == pytest.approx(report["results"]["1"]["clip_score"], rel=1e-4)
+    assert "wrote" in logs[0] and "wrote" not in logs[1]

@@ -12,6 +12,10 @@ Generation is resumable (re-run the same command after an interruption: it conti
 Weights are never downloaded: --inception_weights is pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or its
 .npz conversion, `python -m ediffi_jax.models.inception SRC DST`), --clip_dir a local CLIPModel directory. The
 logic lives in `ediffi_jax.eval.commands`; bad input exits with status 2 and one line on stderr.
+
+On a pod, run the same command on every host with --distributed: generation is split over the processes
+(batch k on process k mod P), Inception and CLIP run over every device of every host (each host decodes only
+its share of the images), and process 0 writes the reference cache, metrics and reports.
 """
 
 from __future__ import annotations
@@ -59,6 +63,12 @@ _CLIP = flags.DEFINE_string("clip_dir", None, "Local CLIPModel directory (e.g. o
 _FID_METHOD = flags.DEFINE_enum("fid_method", "sqrtm", ["sqrtm", "eigh"], "sqrtm: pytorch-fid's computation (scipy "
                                 "sqrtm); eigh: the same distance from symmetric eigenvalues, much faster on CPUs.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Join a multi-process run (jax.distributed.initialize; on TPU "
+                                 "VMs and under SLURM the three flags below are auto-detected): every process runs "
+                                 "the same command, each generates and reads its share, process 0 writes reports.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "--distributed: host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "--distributed: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "--distributed: this process's index.")
 
 
 def _main(argv: list[str]) -> None:
@@ -66,6 +76,11 @@ def _main(argv: list[str]) -> None:
         raise ValueError(f"give a command: ediffi-eval {{{','.join(COMMANDS)}}} [flags]")
     if len(argv) > 2:
         raise ValueError(f"unexpected arguments {argv[2:]} (one command, then flags)")
+    if _DISTRIBUTED.value:
+        import jax
+
+        jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                                   process_id=_PROCESS_ID.value)
     run_command(Options(
         command=argv[1], folder=_FOLDER.value, captions=_CAPTIONS.value, workdir=_WORKDIR.value,
         cascade=_CASCADE.value, steps=_STEPS.value, coco_captions=_COCO.value, shapes_captions=_SHAPES.value,

@@ -22,6 +22,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ediffi_jax.eval import distributed
 from ediffi_jax.eval.run import REF_STATS_FILE, REPORT_FILE, EvalConfig, Evaluator, run_data_config, run_scales
 
 __all__ = ["COMMANDS", "Options", "parse_guidance", "run_command", "COCO_NUM"]
@@ -183,7 +184,9 @@ def run_command(o: Options, log: Callable[[str], None] = print, generator: Any =
         report = {"command": "clip-score", "folder": os.path.abspath(o.folder), **result, "clip": ev.clip().info}
         log(f"CLIP score {result['clip_score']:.4f} ({result['num']} pairs)")
         if o.out:
-            log(f"wrote {write_report(os.path.join(o.out, REPORT_FILE), report)}")
+            path = write_report(os.path.join(o.out, REPORT_FILE), report)
+            if distributed.is_writer():
+                log(f"wrote {path}")
         return report
 
     if o.command == "fid" and o.folder:
@@ -201,7 +204,9 @@ def run_command(o: Options, log: Callable[[str], None] = print, generator: Any =
         for note in report["notes"]:
             log(f"note: {note}")
         if o.out:
-            log(f"wrote {write_report(os.path.join(o.out, REPORT_FILE), report)}")
+            path = write_report(os.path.join(o.out, REPORT_FILE), report)
+            if distributed.is_writer():
+                log(f"wrote {path}")
         return report
 
     # Generating commands: load the metric models first (a bad weights file fails before any sampling).

@@ -26,7 +26,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-__all__ = ["UNREADABLE", "MapResult", "map_indexed", "local_rows", "allgather_rows", "barrier", "process_share"]
+__all__ = ["UNREADABLE", "MapResult", "map_indexed", "local_rows", "allgather_rows", "barrier", "is_writer",
+           "process_share"]
 
 UNREADABLE = None  # what `load` returns for an item to skip
 _OK, _SKIPPED, _WRONG_SHAPE, _PAD = 0, 1, 2, 3
@@ -74,6 +75,11 @@ def allgather_rows(x: np.ndarray) -> np.ndarray:
     padded[: len(x)] = x
     every = np.asarray(multihost_utils.process_allgather(padded))
     return np.concatenate([every[p, : n[p]] for p in range(len(n))])
+
+
+def is_writer() -> bool:
+    """Whether this process writes the shared files (reports, caches, generated images' metadata): process 0."""
+    return jax.process_index() == 0
 
 
 def barrier(name: str) -> None:

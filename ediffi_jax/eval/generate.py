@@ -5,7 +5,9 @@
 samples batch k with the seed ``batch_seed(seed, k)``. Image i therefore depends only on (model, sampler
 settings, seed, B, the captions of its batch), not on which batches ran before, and a re-run after an
 interruption regenerates exactly the batches that miss a file and writes only the missing files, bitwise equal
-to what the first run would have written. Images are written atomically (`folder.write_png`), so a killed run
+to what the first run would have written. On several processes (`jax.distributed`), process p samples batches
+p, p + P, ... of the missing ones on its own devices (the folder must be shared) and process 0 writes the
+metadata files. Images are written atomically (`folder.write_png`), so a killed run
 leaves no half-written PNG.
 
 ``generation.json`` in the folder records the generator, seed, guidance and batch size; resuming with other
@@ -24,6 +26,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from ediffi_jax.eval import distributed
 from ediffi_jax.eval.folder import CAPTIONS_FILE, image_name, read_captions, write_captions, write_png
 
 __all__ = ["Generator", "load_generator", "batch_seed", "generate_folder", "GENERATION_FILE"]
@@ -140,18 +143,21 @@ def generate_folder(generator: Generator, captions: Sequence[str], folder: str, 
                 "guidance": None if guidance is None else float(guidance), "batch_size": int(batch_size)}
     settings = json.loads(json.dumps(settings))  # as it reads back from the file (tuples → lists)
     _check_resume(folder, settings, captions)
-    with open(os.path.join(folder, GENERATION_FILE), "w") as f:
-        json.dump(settings, f, indent=2)
-    cap_path = os.path.join(folder, CAPTIONS_FILE)
-    if not os.path.isfile(cap_path) or len(read_captions(cap_path)) < len(captions):
-        write_captions(folder, captions)
+    distributed.barrier("ediffi_jax:generate:checked")  # every process has read the old files
+    if distributed.is_writer():
+        with open(os.path.join(folder, GENERATION_FILE), "w") as f:
+            json.dump(settings, f, indent=2)
+        cap_path = os.path.join(folder, CAPTIONS_FILE)
+        if not os.path.isfile(cap_path) or len(read_captions(cap_path)) < len(captions):
+            write_captions(folder, captions)
 
     n = len(captions)
     missing = [i for i in range(n) if not os.path.isfile(os.path.join(folder, image_name(i)))]
-    todo = sorted({i // batch_size for i in missing})
+    distributed.barrier("ediffi_jax:generate:listed")  # nobody writes an image before everyone has listed them
+    todo = distributed.process_share(sorted({i // batch_size for i in missing}))
     missing_set = set(missing)
-    with tqdm(total=n, initial=n - len(missing), unit="img", desc=f"generate {os.path.basename(folder)}",
-              disable=not progress) as bar:
+    mine = sum(1 for k in todo for i in range(k * batch_size, min((k + 1) * batch_size, n)) if i in missing_set)
+    with tqdm(total=mine, unit="img", desc=f"generate {os.path.basename(folder)}", disable=not progress) as bar:
         for k in todo:
             idx = list(range(k * batch_size, min((k + 1) * batch_size, n)))
             prompts = [captions[i] for i in idx]
@@ -161,4 +167,5 @@ def generate_folder(generator: Generator, captions: Sequence[str], folder: str, 
                 if i in missing_set:
                     write_png(os.path.join(folder, image_name(i)), images[j])
                     bar.update(1)
+    distributed.barrier("ediffi_jax:generate:done")
     return {"generated": len(missing), "existing": n - len(missing)}

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from ediffi_jax.eval import distributed
 from ediffi_jax.eval.features import image_statistics
 from ediffi_jax.eval.fid import load_statistics, save_statistics
 from ediffi_jax.eval.folder import ImageFolder, center_crop_resize
@@ -139,11 +140,14 @@ def reference_statistics(path: str, source: Any | None, model_fn: Callable[[], n
     note = source.note()
     if note:
         log(note)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_statistics(path, mu, sigma)
     meta = {"source": source.info, "num": n, "input_size": input_size, "dim": int(mu.shape[0])}
-    with open(_sidecar(path), "w") as f:
-        json.dump(meta, f, indent=2)
-    log(f"reference statistics: wrote {path} ({n} images)")
+    if distributed.is_writer():
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        save_statistics(path, mu, sigma)
+        with open(_sidecar(path), "w") as f:
+            json.dump(meta, f, indent=2)
+    distributed.barrier("ediffi_jax:reference_statistics")
+    if distributed.is_writer():
+        log(f"reference statistics: wrote {path} ({n} images)")
     return mu, sigma, {"stats": os.path.abspath(path), "cached": False, **meta,
                        **({"skipped": note} if note else {})}

@@ -33,9 +33,13 @@ def _jsonable(x: Any) -> Any:
 
 
 def write_report(path: str, report: Mapping[str, Any]) -> str:
-    """Writes ``report`` (plus ``created`` time and the software versions) as indented JSON, atomically."""
+    """Writes ``report`` (plus ``created`` time and the software versions) as indented JSON, atomically (on
+    process 0 only; every process returns ``path``)."""
     import flax
     import jax
+
+    if jax.process_index() != 0:
+        return path
 
     full = {**report, "created": datetime.datetime.now().isoformat(timespec="seconds"),
             "versions": {"python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
@@ -73,11 +77,15 @@ def _fmt(v: float) -> str:
 def plot_curve(points: Sequence[tuple[float, float, float]], path: str, *, title: str = "FID vs CLIP score",
                width: int = 720, height: int = 520) -> str:
     """Draws (clip_score, fid, guidance) points as a PNG: x = CLIP score, y = FID, points joined in order of
-    guidance, each annotated ``s=<guidance>``. Returns ``path``."""
+    guidance, each annotated ``s=<guidance>`` (on process 0 only). Returns ``path``."""
+    import jax
+
     pts = sorted(((float(c), float(f), float(g)) for c, f, g in points), key=lambda p: p[2])
     pts = [p for p in pts if math.isfinite(p[0]) and math.isfinite(p[1])]
     if not pts:
         raise ValueError("plot_curve needs at least one point with a finite FID and CLIP score")
+    if jax.process_index() != 0:
+        return path
     font = ImageFont.load_default(size=14)  # FreeType when Pillow has it, else the small bitmap font
     img = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(img)

@@ -33,6 +33,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from ediffi_jax.eval import distributed
 from ediffi_jax.eval.features import file_sha256, image_features, image_statistics, inception_info, load_inception
 from ediffi_jax.eval.fid import compute_statistics, frechet_distance, frechet_distance_eigh
 from ediffi_jax.eval.folder import CAPTIONS_FILE, CaptionedImages, ImageFolder, image_name, read_captions
@@ -194,6 +195,8 @@ def _read_metrics(folder: str) -> dict[str, Any]:
 
 
 def _write_metrics(folder: str, metrics: dict[str, Any]) -> None:
+    if not distributed.is_writer():
+        return
     path = os.path.join(folder, METRICS_FILE)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
@@ -276,5 +279,6 @@ def run_scales(generator: Generator, captions: Sequence[str], scales: Sequence[f
         report["plot"] = plot_curve(pts, os.path.join(out, CURVE_FILE),
                                     title=f"FID vs CLIP score over guidance ({n} images)")
     write_report(path, report)
-    c.log(f"wrote {path}" + (f" and {report['plot']}" if "plot" in report else ""))
+    if distributed.is_writer():
+        c.log(f"wrote {path}" + (f" and {report['plot']}" if "plot" in report else ""))
     return report
