@@ -42,6 +42,7 @@ setup(
             "ediffi-expert-tree=ediffi_jax.cli.expert_tree:main",
             "ediffi-plan=ediffi_jax.cli.plan:main",
             "ediffi-eval=ediffi_jax.cli.eval:main",
+            "ediffi-data=ediffi_jax.cli.data:main",
         ]
     },
 )

@@ -61,6 +61,35 @@ def default_config() -> ml_collections.ConfigDict:
     # An `ediffi-embed` output directory: train on its precomputed embeddings (the encoders never run in the
     # train step; the run uses the encoders the data was embedded with). "" = encode captions in the step.
     c.data.precomputed = ""
+    # Real image–text data (data/sources.py): name "folder" | "webdataset" | "coco" (built from `path` into
+    # data_dir on first use; build-time filters min_size / max_aspect, folder caption layout `captions`, COCO
+    # `coco_year`) or "tfds" (a prepared TFDS dataset: `path` = its directory, or `tfds_name` under data_dir, fields
+    # `image_key` / `caption_key`). Training reads `split`, evaluation `val_split` ("" = none); num_train / num_val
+    # are the shapes set's sizes only. Pipeline (data/pipeline.py make_image_text_iterator, data/records.py):
+    # short side resized to `resolution` with `resize_filter` (bicubic | area | bilinear | lanczos), `crop`
+    # (random | center), captions whitespace-collapsed and cut to `max_caption_chars`; bad records skipped and
+    # counted per reason, the counts logged every `bad_record_log_every` steps (0 = only at checkpoints);
+    # `num_workers` grain processes (0 = `num_threads` threads in the trainer), `prefetch` chunks buffered.
+    c.data.path = ""
+    c.data.tfds_name = ""
+    c.data.split = "train"
+    c.data.val_split = ""
+    c.data.image_key = "image"
+    c.data.caption_key = "caption"
+    c.data.captions = "auto"
+    c.data.coco_year = "2014"
+    c.data.min_size = 0
+    c.data.max_aspect = 0.0
+    c.data.crop = "random"
+    c.data.resize_filter = "bicubic"
+    c.data.max_caption_chars = 1024
+    c.data.num_workers = 0
+    c.data.num_threads = 4
+    c.data.prefetch = 8
+    c.data.bad_record_log_every = 1000
+    # A keyed embedding store (data/keyed_embeddings.py) joined to real-data records by "key" (pipeline only:
+    # train() does not read it yet, see validate).
+    c.data.embeddings = ""
 
     # EDM (Karras et al. 2022): σ_data and the training distribution ln σ ~ N(p_mean, p_std²).
     c.edm = ml_collections.ConfigDict(dict(sigma_data=0.5, p_mean=-1.2, p_std=1.2))

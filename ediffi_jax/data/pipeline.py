@@ -7,16 +7,28 @@ image, and ``caption`` is ``str`` or UTF-8 ``bytes``. Examples: a TFDS ``ArrayRe
 
 Batches are dicts with ``image`` float32 [B, H, W, 3] in [-1, 1], ``caption`` an object array of B
 Python ``str``, plus whatever ``tokenize(list_of_captions)`` returns.
+
+Two pipelines share the sharding / shuffling / seeding scheme:
+- `make_train_iterator` (shapes, precomputed embeddings): records already at the training size and clean.
+- `make_image_text_iterator` (real data: folder, WebDataset, COCO, any TFDS set): `records.Preprocess` decodes,
+  resizes and crops each record and cleans its caption; bad records are skipped and counted per reason (the
+  counts live in the iterator state); optional grain worker processes (`num_workers`) and keyed embeddings.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
 import numpy as np
+
+from ediffi_jax.data.keyed_embeddings import KeyedEmbeddings
+from ediffi_jax.data.records import BAD_REASONS, BadRecord, Preprocess, to_float
+
+log = logging.getLogger(__name__)
 
 Tokenizer = Callable[[list[str]], dict[str, np.ndarray]]
 # A per-example transform after decoding (e.g. `sr.pair_transform`: low-res pair, aligned random crops); its rng
@@ -89,6 +101,48 @@ def _tokenize_batch(tokenize: Tokenizer) -> Callable[[dict[str, np.ndarray]], di
     return fn
 
 
+def record_order(
+    n: int,
+    *,
+    batch_size: int,
+    seed: int | None,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    num_epochs: int | None = None,
+    split_batches: bool = False,
+) -> grain.MapDataset:
+    """The record indices (of a source of ``n`` records) this shard reads, in order: shard -> shuffle (reseeded
+    every epoch; ``seed=None`` keeps the order) -> repeat (``num_epochs=None``: forever). With ``split_batches``
+    the items are this shard's blocks (index arrays of ``batch_size``) of every global batch of ``batch_size *
+    shard_count`` indices (see `make_dataset`); otherwise single indices."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if shard_count < 1 or not 0 <= shard_index < shard_count:
+        raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index=} {shard_count=}")
+    if num_epochs is not None and num_epochs < 1:
+        raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")
+    if seed is not None and not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+    ds = grain.MapDataset.range(n)
+    if split_batches:
+        if n < batch_size * shard_count:
+            raise ValueError(f"a source of {n} records holds no global batch of {batch_size} x {shard_count} shards")
+    elif shard_count > 1:
+        ds = ds[shard_index::shard_count]
+    if len(ds) == 0:
+        raise ValueError(f"shard {shard_index}/{shard_count} of a source of {n} records is empty")
+    if seed is not None:
+        ds = ds.shuffle(seed=seed)  # ShuffleMapDataset reshuffles each epoch (epoch-dependent seed)
+    if num_epochs != 1:
+        ds = ds.repeat(num_epochs)
+    if split_batches:
+        global_batch = batch_size * shard_count
+        if num_epochs is not None:
+            ds = ds[: len(ds) // global_batch * global_batch]  # whole global batches only
+        ds = ds.batch(batch_size, drop_remainder=True)[shard_index::shard_count]
+    return ds
+
+
 def make_dataset(
     source: Sequence,
     *,
@@ -115,37 +169,11 @@ def make_dataset(
     ``transform(example, rng)`` runs on each decoded example with ``rng`` seeded by (``seed``, the example's
     position in this shard's stream; in ``split_batches`` mode its position in the global stream).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if shard_count < 1 or not 0 <= shard_index < shard_count:
-        raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index=} {shard_count=}")
-    if num_epochs is not None and num_epochs < 1:
-        raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")
+    if split_batches and not drop_remainder:
+        raise ValueError("split_batches needs drop_remainder=True (every shard reads a full block)")
+    ds = record_order(len(source), batch_size=batch_size, seed=seed, shard_index=shard_index,
+                      shard_count=shard_count, num_epochs=num_epochs, split_batches=split_batches)
     if split_batches:
-        if not drop_remainder:
-            raise ValueError("split_batches needs drop_remainder=True (every shard reads a full block)")
-        if len(source) < batch_size * shard_count:
-            raise ValueError(f"a source of {len(source)} records holds no global batch of "
-                             f"{batch_size} x {shard_count} shards")
-        ds = grain.MapDataset.range(len(source))  # record indices; records are read after the split
-    else:
-        ds = grain.MapDataset.source(source)
-        if shard_count > 1:
-            ds = ds[shard_index::shard_count]
-    if len(ds) == 0:
-        raise ValueError(f"shard {shard_index}/{shard_count} of a source of {len(source)} records is empty")
-    if seed is not None:
-        if not 0 <= seed < 2**32:
-            raise ValueError(f"seed must be in [0, 2**32), got {seed}")
-        ds = ds.shuffle(seed=seed)  # ShuffleMapDataset reshuffles each epoch (epoch-dependent seed)
-    if num_epochs != 1:
-        ds = ds.repeat(num_epochs)
-    if split_batches:
-        global_batch = batch_size * shard_count
-        if num_epochs is not None:
-            ds = ds[: len(ds) // global_batch * global_batch]  # whole global batches only
-        ds = ds.batch(batch_size, drop_remainder=True)[shard_index::shard_count]
-
         def read_block(k: int, idx: np.ndarray) -> dict[str, np.ndarray]:
             first = (k * shard_count + shard_index) * batch_size  # global stream position of the block's first
             return stack_examples([_apply(transform, decode_record(source[int(i)]), seed, first + j)
@@ -153,7 +181,7 @@ def make_dataset(
 
         ds = ds.map_with_index(read_block)
     else:
-        ds = ds.map(decode_record)
+        ds = ds.map(lambda i: decode_record(source[int(i)]))
         if transform is not None:
             ds = ds.map_with_index(lambda pos, ex: _apply(transform, ex, seed, pos))
         ds = ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=stack_examples)
@@ -226,3 +254,205 @@ def make_eval_batches(
     if tokenize is not None:
         ds = ds.map(_tokenize_batch(tokenize))
     return [ds[i] for i in range(num_batches)]
+
+
+# ---------------------------------------------------------------- real image–text data: bad records skipped
+
+
+class _ReadChunk:
+    """Chunk k of a shard's record stream (``batch_size`` record indices) → the surviving examples, stacked, and
+    per-reason counts of the skipped ones. A picklable callable: it runs in grain worker processes."""
+
+    def __init__(self, source: Sequence, preprocess: Preprocess, transform: Transform | None,
+                 embeddings: KeyedEmbeddings | None, seed: int | None, batch_size: int, shard_index: int,
+                 shard_count: int, split_batches: bool):
+        self.source, self.preprocess, self.transform, self.embeddings = source, preprocess, transform, embeddings
+        self.seed, self.batch_size = seed or 0, batch_size
+        self.shard_index, self.shard_count, self.split_batches = shard_index, shard_count, split_batches
+
+    def __call__(self, k: int, idx: np.ndarray) -> dict[str, Any]:
+        # Stream position of the chunk's first record: its place in the global stream with split_batches.
+        first = ((k * self.shard_count + self.shard_index) if self.split_batches else k) * self.batch_size
+        bad = np.zeros(len(BAD_REASONS), np.int64)
+        examples = []
+        for j, i in enumerate(np.asarray(idx).reshape(-1)):
+            rng = np.random.default_rng([self.seed, first + j])
+            try:
+                try:
+                    record = self.source[int(i)]
+                except Exception as e:  # a source that decodes features itself (TFDS) fails here
+                    raise BadRecord("unreadable_record", f"{type(e).__name__}: {e}") from None
+                ex = self.preprocess(record, rng)
+                if self.embeddings is not None:
+                    ex.update(self.embeddings.lookup(ex["key"]))
+                if self.transform is not None:  # e.g. sr.pair_transform: works on the float image
+                    ex = self.transform({**ex, "image": to_float(ex["image"])}, rng)
+            except BadRecord as e:
+                bad[BAD_REASONS.index(e.reason)] += 1
+                log.debug("skipped record %d: %s", int(i), e)
+                continue
+            examples.append(ex)
+        return {"batch": _stack(examples) if examples else None, "bad": bad}
+
+
+def _stack(examples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+    out = {}
+    for k in examples[0]:
+        if isinstance(examples[0][k], str):
+            out[k] = np.empty(len(examples), dtype=object)
+            out[k][:] = [ex[k] for ex in examples]
+        else:
+            out[k] = np.stack([ex[k] for ex in examples])
+    return out
+
+
+class ImageTextIterator(grain.DatasetIterator):
+    """Batches of exactly ``batch_size`` surviving examples from a stream of chunks; checkpointable.
+
+    The state is ``{"parent": <grain state before the chunk the next example comes from>, "offset": examples of
+    that chunk already used, "bad_records": {reason: count}}``: restoring re-reads that one chunk (without counting
+    it again), so a resumed iterator yields exactly the batches, and reports exactly the counts, of an
+    uninterrupted one. ``bad_records``: per-reason counts of the records skipped in the chunks consumed so far.
+    """
+
+    def __init__(self, parent: grain.DatasetIterator, batch_size: int, tokenize: Tokenizer | None,
+                 drop_remainder: bool = True):
+        super().__init__(parent)
+        self._src_it, self._batch_size, self._drop_remainder = parent, batch_size, drop_remainder
+        self._tokenize = _tokenize_batch(tokenize) if tokenize is not None else None
+        self._chunk: dict[str, np.ndarray] | None = None  # the current chunk's surviving examples
+        self._chunk_state: Any = None  # parent state before the current chunk
+        self._offset = 0  # examples of the current chunk used
+        self._bad = np.zeros(len(BAD_REASONS), np.int64)  # counts of every chunk pulled so far
+        self._restored: dict[str, Any] | None = None  # set_state's state, until its chunk is re-read
+
+    @property
+    def bad_records(self) -> dict[str, int]:
+        return dict(zip(BAD_REASONS, (int(x) for x in self._bad)))
+
+    def _remaining(self) -> int:
+        return 0 if self._chunk is None else len(self._chunk["image"]) - self._offset
+
+    def _next_chunk(self) -> None:
+        state = self._src_it.get_state()
+        chunk = next(self._src_it)  # StopIteration propagates
+        self._chunk, self._chunk_state, self._offset = chunk["batch"], state, 0
+        if self._restored is not None:  # the chunk a restored state points into: counted before the save
+            self._offset = min(int(self._restored["offset"]), self._remaining())
+            self._restored = None
+        else:
+            self._bad += np.asarray(chunk["bad"], np.int64)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        pieces, need = [], self._batch_size
+        while need:
+            if self._remaining() == 0:
+                try:
+                    self._next_chunk()
+                except StopIteration:
+                    if pieces and not self._drop_remainder:
+                        break
+                    raise
+                continue
+            take = min(need, self._remaining())
+            pieces.append({k: v[self._offset:self._offset + take] for k, v in self._chunk.items()})
+            self._offset += take
+            need -= take
+        batch = pieces[0] if len(pieces) == 1 else {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
+        if batch["image"].dtype == np.uint8:  # chunks carry uint8 images unless a transform made them float
+            batch = {**batch, "image": to_float(batch["image"])}
+        return self._tokenize(batch) if self._tokenize else batch
+
+    def get_state(self) -> dict[str, Any]:
+        if self._restored is not None:
+            return dict(self._restored)
+        if self._remaining() == 0:  # nothing buffered: the parent's position says it all
+            return {"parent": self._src_it.get_state(), "offset": 0, "bad_records": self.bad_records}
+        return {"parent": self._chunk_state, "offset": self._offset, "bad_records": self.bad_records}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._src_it.set_state(state["parent"])
+        self._bad = np.asarray([int(state["bad_records"].get(r, 0)) for r in BAD_REASONS], np.int64)
+        self._chunk, self._chunk_state, self._offset = None, None, 0
+        self._restored = dict(state) if int(state["offset"]) > 0 else None
+
+    def close(self) -> None:
+        close = getattr(self._src_it, "close", None)
+        if close is not None:
+            close()
+
+
+def make_image_text_dataset(
+    source: Sequence,
+    *,
+    preprocess: Preprocess,
+    batch_size: int,
+    seed: int | None,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    num_epochs: int | None = None,
+    split_batches: bool = False,
+    transform: Transform | None = None,
+    embeddings: KeyedEmbeddings | None = None,
+) -> grain.MapDataset:
+    """The grain ``MapDataset`` of chunks ``{"batch": stacked surviving examples or None, "bad": counts}``:
+    this shard's record stream (sharded and shuffled as in `make_dataset`, reshuffled every epoch) cut into chunks
+    of ``batch_size`` records, each read with ``preprocess`` (+ ``embeddings`` joined by key, + ``transform``;
+    one rng per record seeded by (seed, its stream position)). `make_image_text_iterator` re-batches them."""
+    ds = record_order(len(source), batch_size=batch_size, seed=seed, shard_index=shard_index,
+                      shard_count=shard_count, num_epochs=num_epochs, split_batches=split_batches)
+    if not split_batches:
+        ds = ds.batch(batch_size, drop_remainder=False)
+    return ds.map_with_index(_ReadChunk(source, preprocess, transform, embeddings, seed, batch_size, shard_index,
+                                        shard_count, split_batches))
+
+
+def make_image_text_iterator(
+    source: Sequence,
+    *,
+    preprocess: Preprocess,
+    batch_size: int,
+    seed: int,
+    tokenize: Tokenizer | None = None,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    num_epochs: int | None = None,
+    split_batches: bool = False,
+    transform: Transform | None = None,
+    embeddings: KeyedEmbeddings | None = None,
+    num_workers: int = 0,
+    num_threads: int = 4,
+    prefetch_batches: int = 8,
+    drop_remainder: bool = True,
+) -> ImageTextIterator:
+    """Checkpointable training iterator over real image–text records that skips and counts bad records.
+
+    Bad-record policy: a record that cannot be read, has no image or caption, an empty / undecodable image, a
+    non-text or empty caption, or (with ``embeddings``) no embedding for its key is skipped and counted under its
+    reason (`records.BAD_REASONS`); nothing is re-read in its place. Batches are the next ``batch_size`` surviving
+    records of this shard's stream in order, so for a given seed and data the batches are deterministic, and they do
+    not depend on ``num_workers`` (workers read whole chunks; chunk k goes to worker k mod num_workers and grain
+    interleaves them back in order). The counts are part of the iterator state, so they survive a resume. With
+    ``split_batches`` a host's batches are the surviving records of its blocks of the global batches: the same for
+    any number of hosts while no record is bad; each bad record shifts only its own host's stream.
+
+    ``num_workers`` = 0: chunks are read by ``num_threads`` threads of this process; > 0: by that many grain worker
+    processes (each with ``num_threads`` threads), ``prefetch_batches`` chunks buffered. Tokenization and
+    re-batching run in this process. Batches: ``image`` float32 [B, R, R, 3] in [-1, 1], ``caption`` and ``key``
+    object arrays of str, ``lowres`` (SR ``transform``), the embedding fields, and ``tokenize``'s fields.
+    """
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    ds = make_image_text_dataset(source, preprocess=preprocess, batch_size=batch_size, seed=seed,
+                                 shard_index=shard_index, shard_count=shard_count, num_epochs=num_epochs,
+                                 split_batches=split_batches, transform=transform, embeddings=embeddings)
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_batches))
+    if num_workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags (defaults outside an absl app)
+            flags.FLAGS.mark_as_parsed()
+        per_worker = max(1, -(-prefetch_batches // num_workers))
+        it_ds = it_ds.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(
+            num_workers=num_workers, per_worker_buffer_size=per_worker))
+    return ImageTextIterator(iter(it_ds), batch_size, tokenize, drop_remainder=drop_remainder)

@@ -50,8 +50,7 @@ from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from ediffi_jax import sr
-from ediffi_jax.data import pipeline, shapes
-from ediffi_jax.data.shapes_tfds import build_shapes
+from ediffi_jax.data import pipeline, records, shapes, sources
 from ediffi_jax.encoders import FrozenEncoders, embeddings_from_batch, setup_encoders
 from ediffi_jax.sampling import HeunConfig
 from ediffi_jax.text_to_image import make_sampler, save_grid, to_uint8
@@ -139,8 +138,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
                          f"model.image_size={config.model.image_size}")
     if config.train.batch_size < 1:
         raise ValueError(f"train.batch_size must be >= 1, got {config.train.batch_size}")
-    if config.data.name != "shapes" and not config.data.precomputed:
-        raise ValueError(f"data.name={config.data.name!r}: only 'shapes' is available")
+    d = config.data
+    if d.name not in sources.NAMES and not d.precomputed:
+        raise ValueError(f"data.name={d.name!r}: one of {', '.join(sources.NAMES)}")
+    if d.name in sources.IMAGE_TEXT_NAMES and not d.precomputed:
+        if d.val_split:
+            raise ValueError("data.val_split: evaluation during training scores shapes captions only; leave it "
+                             "empty for real data (evaluate checkpoints with ediffi-eval)")
+        if d.embeddings:
+            raise ValueError("data.embeddings: train() does not read a keyed embedding store yet; use "
+                             "data.precomputed (an ediffi-embed output)")
+        records.Preprocess(d.resolution, d.crop, d.resize_filter, d.max_caption_chars)  # checks those fields
+        if d.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {d.num_workers}")
     for n in config.conditioning.order:
         p = config.conditioning.embeddings[n].drop_prob
         if not 0.0 <= p <= 1.0:
@@ -171,7 +181,8 @@ def _prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def load_data(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
-    """(train source, validation source or None when data.num_val = 0), random access (TFDS array_record)."""
+    """(train source, validation source or None when data.num_val = 0 / data.val_split = ""), random access (TFDS
+    array_record; data/sources.py names them)."""
     d = config.data
     if d.precomputed:
         from ediffi_jax.data.embedded import load_embedded
@@ -179,14 +190,13 @@ def load_data(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
         train_src, val_src = load_embedded(d.precomputed, config)
         return train_src, val_src if d.num_val > 0 else None
 
-    def build() -> Any:
-        return build_shapes(os.path.expanduser(d.data_dir), d.resolution, d.num_train, d.num_val, d.seed)
-
-    if jax.process_count() > 1:  # one writer: process 0 generates the dataset, the others then open it
+    if jax.process_count() > 1:  # one writer: process 0 generates / prepares the dataset, the others then open it
         if jax.process_index() == 0:
-            build()
+            sources.build(d)
         multihost_utils.sync_global_devices("ediffi_jax:data")
-    builder = build()
+    builder = sources.build(d)
+    if d.name in sources.IMAGE_TEXT_NAMES:  # real data: records read by pipeline.make_image_text_iterator
+        return sources.image_text_sources(d, builder)
     return builder.as_data_source("train"), builder.as_data_source("validation") if d.num_val > 0 else None
 
 
@@ -269,10 +279,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         encode, tokenize = encoders.encode, encoders.tokenize
     # Every process reads its own block of each global batch; the global batches do not depend on the
     # number of processes, so a run on 1 host and on N hosts sees the same examples at every step.
-    train_iter = pipeline.make_train_iterator(
-        train_src, batch_size=local_batch, seed=config.seed, tokenize=tokenize,
-        shard_index=jax.process_index(), shard_count=jax.process_count(), split_batches=True,
-        transform=sr.pair_transform(int(config.sr.factor), int(config.sr.crop)) if sr.is_sr(config) else None)
+    pair = sr.pair_transform(int(config.sr.factor), int(config.sr.crop)) if sr.is_sr(config) else None
+    d = config.data
+    if d.name in sources.IMAGE_TEXT_NAMES and not d.precomputed:  # resize, crop, bad records skipped and counted
+        train_iter = pipeline.make_image_text_iterator(
+            train_src, preprocess=records.Preprocess(d.resolution, d.crop, d.resize_filter, d.max_caption_chars),
+            batch_size=local_batch, seed=config.seed, tokenize=tokenize, shard_index=jax.process_index(),
+            shard_count=jax.process_count(), split_batches=True, transform=pair, num_workers=d.num_workers,
+            num_threads=d.num_threads, prefetch_batches=d.prefetch)
+    else:
+        train_iter = pipeline.make_train_iterator(
+            train_src, batch_size=local_batch, seed=config.seed, tokenize=tokenize,
+            shard_index=jax.process_index(), shard_count=jax.process_count(), split_batches=True, transform=pair)
+    bad_seen: dict[str, int] = {}
 
     # ---------------------------------------------------------------- model, optimizer and their shardings
     graphdef, abstract_params = split_model(nnx.eval_shape(lambda: build_model(config, config.seed)))
@@ -353,6 +372,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                     _check_skips(metrics["consecutive_skips"], limit, done, ckpt)
                 elif save:  # never checkpoint past the limit
                     _check_skips(float(jax.device_get(window["consecutive_skips"])), limit, done, ckpt)
+                bad_every = config.data.bad_record_log_every
+                if hasattr(train_iter, "bad_records") and (save or bad_every and done % bad_every == 0):
+                    bad_seen = _log_bad_records(train_iter.bad_records, bad_seen, done, writer)
                 if save:
                     ckpt.save(done, state, train_iter.get_state(), config, force=done == total or stopping)
                 if stopping:
@@ -365,6 +387,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                     _log_eval(evaluate(config, encoders, graphdef, state, val_src, workdir, done), writer, done)
         finally:
             stop.close()
+            if isinstance(train_iter, pipeline.ImageTextIterator):
+                train_iter.close()  # ends its grain worker processes, if any
             bar.close()
             ckpt.close()  # waits for an in-flight async save, so an interrupted run keeps its last checkpoint
 
@@ -396,6 +420,19 @@ def _log_window(window: dict, n: int, dt: float, step: int, batch_size: int, wri
         for k, v in metrics.items():
             writer.add_scalar(f"train/{k}", v, step)
     return metrics
+
+
+def _log_bad_records(counts: dict[str, int], seen: dict[str, int], step: int,
+                     writer: SummaryWriter | None) -> dict[str, int]:
+    """Logs this process's skipped-record counts per reason (totals since the run began, from the iterator state,
+    so they survive resumes) when they grew since the last log; returns them."""
+    if counts != seen and any(counts.values()):
+        log.warning("step %d: skipped records so far (this process): %s", step,
+                    ", ".join(f"{k} {v}" for k, v in counts.items() if v))
+    if writer:
+        for k, v in counts.items():
+            writer.add_scalar(f"data/bad_{k}", v, step)
+    return dict(counts)
 
 
 def _check_skips(consecutive: float, limit: int, step: int, ckpt: Checkpointer) -> None:
