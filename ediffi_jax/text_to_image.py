@@ -283,10 +283,13 @@ class TextToImage:
             paint = {"maps": self.paint_maps(prompts, regions, embeddings, out_hw).arrays,
                      "weight": jnp.float32(w)}
         noise = jax.random.normal(jax.random.fold_in(key, 0), (len(prompts), *out_hw, self.config.model.out_channels))
-        if (heun, pw_fn) not in self._samplers:  # one compile per sampler config (and shape)
-            self._samplers[heun, pw_fn] = make_sampler(self.graphdef, heun, self.config.edm.sigma_data,
-                                                       self._progress, self.tree, pw_fn)
-        sample = self._samplers[heun, pw_fn]
+        # One compile per sampler config (and shape). The per-step progress callback only when a bar is shown:
+        # XLA's persistent compilation cache skips functions with host callbacks.
+        if (heun, pw_fn, progress) not in self._samplers:
+            self._samplers[heun, pw_fn, progress] = make_sampler(
+                self.graphdef, heun, self.config.edm.sigma_data, self._progress if progress else None, self.tree,
+                pw_fn)
+        sample = self._samplers[heun, pw_fn, progress]
         params = tuple(self.experts) if self.tree is not None else self.params
         with tqdm(total=heun.num_steps, desc="sample", unit="step", disable=not progress) as bar:
             self._progress.bar = bar
