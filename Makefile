@@ -7,7 +7,7 @@ export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.jax_cache
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 0
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint clean notebook notebook-docs
 
 $(STAMP): setup.py tests/reference-requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,10 +20,16 @@ demo: $(STAMP)
 	$(PY) -m ediffi_jax.cli.demo --out demo_out/demo.png
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check ediffi_jax configs tests bench
+	$(VENV)/bin/ruff check ediffi_jax configs tests bench notebooks
 
 test: $(STAMP) lint
 	$(VENV)/bin/pytest tests
+
+notebook: $(STAMP)  # rebuild notebooks/quickstart.ipynb from notebooks/build_quickstart.py
+	$(PY) notebooks/build_quickstart.py
+
+notebook-docs: $(STAMP)  # execute it and save the executed copy to docs/quickstart_executed.ipynb
+	EDIFFI_SAVE_NOTEBOOK=1 $(VENV)/bin/pytest tests/test_notebook.py
 
 clean:
 	rm -rf .jax_cache workdirs demo_out

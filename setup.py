@@ -31,7 +31,9 @@ setup(
     extras_require={
         # torch (CPU build) is the reference implementation in parity tests only. The pytorch-fid reference is not
         # here: see tests/reference-requirements.txt (installed apart, it would break transformers' torch CLIP).
-        "test": ["pytest==9.2.0", "ruff==0.17.6", "torch==2.13.0"],
+        "test": ["pytest==9.2.0", "ruff==0.17.6", "torch==2.13.0",
+                 # tests/test_notebook.py executes notebooks/quickstart.ipynb in a kernel of this venv
+                 "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0"],
     },
     entry_points={
         "console_scripts": [
