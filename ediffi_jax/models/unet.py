@@ -27,6 +27,22 @@ middle block plus cross-attention.
 Resolutions in the attention lists are those of the *configured* ``image_size``; the net runs on any
 spatial size divisible by ``2^(levels-1)`` (e.g. SR random-crop training), attention staying at the same
 levels.
+
+Precision (``dtype``): parameters are always float32 (the master weights; the optimizer state follows them).
+With ``dtype="bfloat16"`` convolutions, linear layers, the residual stream and the U-Net skips run in bfloat16;
+GroupNorm statistics and the attention logits/softmax are float32 (``attention.GroupNorm32``,
+``attention.dot_product_attention``), and so are the noise / pooled / extra-conditioning embeddings up to their
+per-block projections. The output is cast to float32, and the EDM preconditioning (c_skip·x, c_out·F) and the loss
+are float32 (``edm.precondition``), so gradients reach the float32 parameters as float32.
+
+Memory (``remat``): each ResBlock / self- / cross-attention layer can be rematerialised in the backward pass
+(``nnx.remat`` = ``jax.checkpoint`` of the layer), chosen by name from ``REMAT_POLICIES``:
+``"none"`` keeps every activation; ``"blocks"`` keeps only each layer's input and recomputes its norms,
+convolutions, projections and attention (the least memory, about one more forward pass of compute);
+``"dots_saveable"`` keeps conv / matmul outputs and recomputes the cheap element-wise work (GroupNorm, SiLU,
+scale-shift, softmax). Results are identical; only what the backward pass stores changes. (XLA:CPU schedules the
+recomputation right after the forward pass of each layer, so on CPU the peak of a fused train step does not drop;
+the residuals kept for the backward do: tests/test_precision_remat.py.)
 """
 
 from __future__ import annotations
@@ -50,6 +66,13 @@ from ediffi_jax.models.attention import (
 )
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# ``model.remat``: what the backward pass of each ResBlock / attention layer keeps (module doc, "Memory").
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation: every activation of the forward pass is kept
+    "blocks": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input; recompute the rest
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,  # keep conv / matmul outputs; recompute norms etc.
+}
 
 
 def unet_config(**overrides) -> ml_collections.ConfigDict:
@@ -80,6 +103,7 @@ def unet_config(**overrides) -> ml_collections.ConfigDict:
             "extra_cond_dim": 0,
             "in_cond_channels": 0,
             "noise_emb_scale": 1.0,
+            "remat": "none",
         }
     )
     for key, value in overrides.items():  # before the ConfigDict fixes each field's type (int -> tuple is ok)
@@ -111,6 +135,8 @@ def _validate(cfg: ml_collections.ConfigDict) -> None:
         raise ValueError(f"channels must be even (sinusoidal embedding width), got {cfg.channels}")
     if str(cfg.dtype) not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {cfg.dtype!r}")
+    if str(cfg.get("remat", "none")) not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {cfg.get('remat')!r}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {cfg.dropout}")
     if cfg.cross_attn_resolutions and cfg.context_dim <= 0:
@@ -228,6 +254,15 @@ class _CondMLP(nnx.Module):
         return self.l2(nnx.silu(self.l1(feats)))
 
 
+def _apply_layer(layer: nnx.Module, h: jax.Array, emb: jax.Array, ctx, mask, rngs, bias_fn) -> jax.Array:
+    """One layer of a U-Net block: ResBlocks take the embedding, cross-attention the context."""
+    if isinstance(layer, ResBlock):
+        return layer(h, emb, rngs=rngs)
+    if isinstance(layer, CrossAttention):
+        return layer(h, ctx, mask, attn_bias_fn=bias_fn)
+    return layer(h)
+
+
 def _strip_null_token(fn: AttnBiasFn) -> AttnBiasFn:
     """Adapt a user hook to the internal key layout: ``fn`` sees logits of the real tokens only
     (``[B, H, Lq, L]``) and its bias gets a zero column for the prepended null token."""
@@ -248,6 +283,7 @@ class UNet(nnx.Module):
         _validate(config)
         dtype = _DTYPES[str(config.dtype)]
         self.dtype = dtype
+        self.remat = str(config.get("remat", "none"))
         self.in_channels, self.out_channels = int(config.in_channels), int(config.out_channels)
         self.in_cond_channels = int(config.get("in_cond_channels", 0))
         self.extra_cond_dim = int(config.get("extra_cond_dim", 0))
@@ -353,12 +389,15 @@ class UNet(nnx.Module):
     # ------------------------------------------------------------------------------------------------------
     def _run(self, layers: nnx.List, h: jax.Array, emb: jax.Array, ctx, mask, rngs, bias_fn) -> jax.Array:
         for layer in layers:
-            if isinstance(layer, ResBlock):
-                h = layer(h, emb, rngs=rngs)
-            elif isinstance(layer, CrossAttention):
-                h = layer(h, ctx, mask, attn_bias_fn=bias_fn)
+            if self.remat != "none" and isinstance(layer, (ResBlock, SelfAttention, CrossAttention)):
+                # nnx.remat = jax.checkpoint over the layer's state (and the dropout Rngs, whose counter update
+                # propagates out); prevent_cse stays on: nothing here runs under scan.
+                def apply(layer, h, emb, ctx, mask, rngs):
+                    return _apply_layer(layer, h, emb, ctx, mask, rngs, bias_fn)
+
+                h = nnx.remat(apply, policy=REMAT_POLICIES[self.remat])(layer, h, emb, ctx, mask, rngs)
             else:
-                h = layer(h)
+                h = _apply_layer(layer, h, emb, ctx, mask, rngs, bias_fn)
         return h
 
     def __call__(
