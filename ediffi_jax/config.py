@@ -183,3 +183,19 @@ def tiny_sr_config() -> ml_collections.ConfigDict:
     c.sr = sr_config(factor=2)
     c.sample.update(dict(num_steps=12))
     return c
+
+
+def run_config(stored: dict) -> ml_collections.ConfigDict:
+    """The ConfigDict of a run's stored config.json, with every field added since the run was made filled in
+    from `default_config` (new fields default to the behaviour from before they existed), so older runs and
+    exports keep loading: e.g. a run from before the ``expert`` section gets ``expert.layout = ""``."""
+
+    def fill(into: dict, defaults: dict) -> dict:
+        for key, value in defaults.items():
+            if key not in into:
+                into[key] = value
+            elif isinstance(value, dict) and isinstance(into[key], dict):
+                fill(into[key], value)
+        return into
+
+    return ml_collections.ConfigDict(fill(dict(stored), default_config().to_dict()))

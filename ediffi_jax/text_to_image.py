@@ -24,6 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ediffi_jax import edm, sr
+from ediffi_jax.config import run_config
 from ediffi_jax.encoders import FrozenEncoders, save_encoders, setup_encoders
 from ediffi_jax.experts import ExpertTree
 from ediffi_jax.models.conditioning import Embedding
@@ -192,7 +193,7 @@ class TextToImage:
             raise ValueError(f"workdir {workdir!r} has no config.json: not an ediffi-train run")
         with open(cfg_path) as f:
             stored = json.load(f)
-        config = ml_collections.ConfigDict(stored)
+        config = run_config(stored)
         encoders = setup_encoders(config, os.path.join(workdir, ENCODERS))
         graphdef, params = split_model(nnx.eval_shape(lambda: build_model(config, config.seed)))
         exported = os.path.join(os.path.abspath(workdir), EXPORT_PARAMS)

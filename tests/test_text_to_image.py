@@ -114,3 +114,21 @@ def test_text_and_image_guidance_chain(pipe):
     assert np.any(a != pipe.generate(PROMPTS, seed=0))
     with pytest.raises(ValueError, match=r"images must be \[2, H, W, 3\], got shape \(1, 16, 16, 3\)"):
         pipe.generate(PROMPTS, images=refs[:1])
+
+
+def test_runs_from_before_newer_config_fields_load_with_their_defaults():
+    """The committed asset predates the expert section and the real-data fields: loading fills them with the
+    defaults (the behaviour from before they existed) instead of failing later (e.g. in save_ensemble)."""
+    import json
+    import os
+
+    from ediffi_jax.config import default_config, run_config
+
+    asset = os.path.join(os.path.dirname(__file__), "..", "assets", "tiny_shapes")
+    with open(os.path.join(asset, "config.json")) as f:
+        stored = json.load(f)
+    assert "expert" not in stored and "path" not in stored["data"]
+    config = run_config(stored)
+    assert config.expert.to_dict() == default_config().expert.to_dict() and config.data.path == ""
+    assert config.model.channels == stored["model"]["channels"]  # stored values win
+    assert config.data.resolution == stored["data"]["resolution"] == 32
