@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax.numpy as jnp
@@ -93,24 +93,39 @@ def _hf_shape(ours: tuple[int, ...], how: str | None) -> tuple[int, ...]:
     return ours
 
 
-def load_strict(model: nnx.Module, table: ParamTable, arrays: Mapping[str, Any], what: str) -> None:
-    """Copies `arrays` (already stripped of keys to ignore) into `model` through `table`, strictly."""
-    missing = sorted(k for k in table if k not in arrays)
-    unexpected = sorted(k for k in arrays if k not in table)
+Target = tuple[nnx.Variable, Callable[[np.ndarray], np.ndarray], tuple[int, ...]]
+
+
+def match_strict(arrays: Mapping[str, Any], targets: Mapping[str, Target], error: str
+                 ) -> list[tuple[nnx.Variable, np.ndarray]]:
+    """(variable, value in our layout) for every key of ``targets`` (key → (variable, convert from the source
+    layout, the variable's shape in the source layout)), or one ValueError ``"{error}: missing keys (n): [...];
+    unexpected keys ...; shape mismatches ..."`` naming every problem at once (``arrays`` already stripped of the
+    keys to ignore)."""
+    missing = sorted(k for k in targets if k not in arrays)
+    unexpected = sorted(k for k in arrays if k not in targets)
     mismatched, converted = [], []
-    for key, (path, how) in table.items():
+    for key, (variable, convert, source_shape) in targets.items():
         if key not in arrays:
             continue
         raw = np.asarray(arrays[key])
-        value = _to_ours(raw, how)
-        variable = get_variable(model, path)
+        value = convert(raw)
         if tuple(value.shape) != tuple(variable.shape):
-            mismatched.append(f"{key}: got {tuple(raw.shape)}, expected {_hf_shape(tuple(variable.shape), how)}")
+            mismatched.append(f"{key}: got {tuple(raw.shape)}, expected {source_shape}")
             continue
         converted.append((variable, value))
     kinds = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
     problems = [f"{kind} ({len(keys)}): {keys}" for kind, keys in kinds if keys]
     if problems:
-        raise ValueError(f"cannot load HF {what} state dict: " + "; ".join(problems))
-    for variable, value in converted:
+        raise ValueError(f"{error}: " + "; ".join(problems))
+    return converted
+
+
+def load_strict(model: nnx.Module, table: ParamTable, arrays: Mapping[str, Any], what: str) -> None:
+    """Copies `arrays` (already stripped of keys to ignore) into `model` through `table`, strictly."""
+    targets = {}
+    for key, (path, how) in table.items():
+        variable = get_variable(model, path)
+        targets[key] = (variable, lambda raw, how=how: _to_ours(raw, how), _hf_shape(tuple(variable.shape), how))
+    for variable, value in match_strict(arrays, targets, f"cannot load HF {what} state dict"):
         variable.set_value(jnp.asarray(value, dtype=variable.dtype))

@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ediffi_jax.models.hf_checkpoint import match_strict
+
 __all__ = [
     "FID_WEIGHTS_URL", "FID_WEIGHTS_FILE", "FEATURE_DIM", "BasicConv2d", "InceptionV3", "resize_bilinear",
     "abstract_model", "param_table", "load_state_dict", "load_pytorch_fid_weights", "convert_pytorch_fid_weights",
@@ -274,27 +276,18 @@ def param_table(model: InceptionV3) -> dict[str, tuple[nnx.Variable, bool]]:
 def _match(model: InceptionV3, state: Mapping[str, Any], source: str) -> list[tuple[nnx.Variable, np.ndarray]]:
     """(variable, value in our layout) for every entry of `param_table`, or one ValueError listing every
     missing key, unexpected key and shape mismatch (shapes in the torch layout)."""
-    table = param_table(model)
-    keys = [k for k in state if not k.endswith(".num_batches_tracked") and k not in _IGNORED_KEYS]
-    missing = sorted(k for k in table if k not in state)
-    unexpected = sorted(k for k in keys if k not in table)
-    mismatched, converted = [], []
-    for key, (variable, is_kernel) in table.items():
-        if key not in state:
-            continue
-        raw = np.asarray(state[key], dtype=np.float32)
-        value = np.transpose(raw, (2, 3, 1, 0)) if is_kernel and raw.ndim == 4 else raw
-        if value.shape != tuple(variable.shape):
-            shape = tuple(variable.shape)
-            expected = (shape[3], shape[2], shape[0], shape[1]) if is_kernel else shape
-            mismatched.append(f"{key}: got {tuple(raw.shape)}, expected {expected}")
-            continue
-        converted.append((variable, value))
-    kinds = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
-    problems = [f"{kind} ({len(ks)}): {ks}" for kind, ks in kinds if ks]
-    if problems:
-        raise ValueError(f"cannot load the FID InceptionV3 weights from {source}: " + "; ".join(problems))
-    return converted
+
+    def convert(raw: np.ndarray, is_kernel: bool) -> np.ndarray:
+        raw = raw.astype(np.float32)
+        return np.transpose(raw, (2, 3, 1, 0)) if is_kernel and raw.ndim == 4 else raw
+
+    targets = {}
+    for key, (variable, is_kernel) in param_table(model).items():
+        shape = tuple(variable.shape)
+        targets[key] = (variable, lambda raw, k=is_kernel: convert(raw, k),
+                        (shape[3], shape[2], shape[0], shape[1]) if is_kernel else shape)
+    arrays = {k: v for k, v in state.items() if not k.endswith(".num_batches_tracked") and k not in _IGNORED_KEYS}
+    return match_strict(arrays, targets, f"cannot load the FID InceptionV3 weights from {source}")
 
 
 def abstract_model(**kwargs: Any) -> InceptionV3:
