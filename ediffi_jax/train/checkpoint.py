@@ -37,7 +37,7 @@ _LEGACY_FIELDS = ("step", "params", "ema", "opt_state")  # TrainState before `sk
 # by a config that agrees on all of them.
 SHAPE_KEYS = ("model", "conditioning", "encoders")
 # Fields under SHAPE_KEYS that may change between runs on one workdir (rates, paths to the same weights).
-FREE_FIELDS = ("drop_prob", "pretrained_dir", "tokenizer_dir")
+FREE_FIELDS = ("drop_prob", "pretrained_dir", "tokenizer_dir", "remat")
 
 
 def _lookup(d: dict, dotted: str) -> Any:
@@ -60,7 +60,11 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict:
 
 
 def check_compatible(stored: dict, config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Raises one clear line when the workdir holds a run of another model shape."""
+    """Raises one clear line when the workdir holds a run of another model shape. Fields added since the stored
+    run was made count with their defaults (`ediffi_jax.config.run_config`)."""
+    from ediffi_jax.config import run_config
+
+    stored = config_to_dict(run_config(stored))
     current = config_to_dict(config)
     for key in SHAPE_KEYS:
         try:
