@@ -197,7 +197,7 @@ def as_indexed(images: Any) -> Any:
 
 
 def extract_features(model: nnx.Module, images: Any, batch_size: int, mesh: Mesh | None = None, *,
-                     need: int | None = None, total: int | None = None, progress: bool = True,
+                     need: int | None = None, progress: bool = True,
                      result: bool = False) -> np.ndarray | distributed.MapResult:
     """(N, d) float32 features under ``model`` (the FID `InceptionV3`) of uint8 RGB images (see `as_indexed`).
 
@@ -208,11 +208,9 @@ def extract_features(model: nnx.Module, images: Any, batch_size: int, mesh: Mesh
     On several processes each one loads only the images of its devices' rows and every process returns all the
     features (`ediffi_jax.eval.distributed.map_indexed`); the images must then be the same on every process (the
     same folder, or the same list). The last batch is zero-padded (one compiled shape) and the padding dropped.
-    ``need``: the first ``need`` readable images only. A tqdm bar counts images (``progress=False`` hides it;
-    ``total`` is accepted for compatibility and ignored). ``result=True`` returns the `MapResult` (which images
-    were kept and which were unreadable) instead of the array.
+    ``need``: the first ``need`` readable images only. A tqdm bar counts images (``progress=False`` hides it).
+    ``result=True`` returns the `MapResult` (which images were kept and which were unreadable) instead of the array.
     """
-    del total
     mesh = data_mesh() if mesh is None else mesh
     source = as_indexed(images)
     if len(source) == 0:
