@@ -26,12 +26,22 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ediffi_jax.models.flash_attention import flash_attention
+
 Axes = tuple[str | None, ...]
 # Attention-bias hook of a cross-attention layer: (unscaled logits QKᵀ [B, H, Lq, Lk] in float32,
 # spatial size (h, w) of the layer's feature map, Lq = h·w) -> bias broadcastable to [B, H, Lq, Lk].
 AttnBiasFn = Callable[[jax.Array, tuple[int, int]], jax.Array]
 
 _default_kernel_init = nnx.initializers.lecun_normal()
+
+# ``model.attention``: how softmax(QKᵀ/√D)V is computed (same result to float rounding).
+#   "dense": the logits [B, H, Lq, Lk] materialised in float32 (XLA fuses what it can);
+#   "flash": blocks of queries with a recomputing backward (models/flash_attention.py), O(block) memory;
+#   "auto":  "flash" where the float32 logits would exceed FLASH_MIN_BYTES, else "dense".
+# A layer with a bias hook (paint-with-words) is always dense: the hook sees the layer's whole logit tensor.
+ATTENTION_IMPLS = ("auto", "dense", "flash")
+FLASH_MIN_BYTES = 16 << 20
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -130,6 +140,7 @@ def dot_product_attention(
     key_mask: jax.Array | None = None,
     bias: jax.Array | None = None,
     bias_fn: Callable[[jax.Array], jax.Array] | None = None,
+    impl: str = "auto",
 ) -> jax.Array:
     """Multi-head attention ``softmax((QKᵀ + bias) / √D) V`` with the softmax in float32.
 
@@ -142,12 +153,19 @@ def dot_product_attention(
         QKᵀ before the 1/√D scaling (eDiff-I §5 paint-with-words: softmax((QKᵀ + w·A)/√d)).
       bias_fn: optional hook ``logits -> bias`` receiving the unscaled float32 logits ``[B, H, Lq, Lk]``
         (e.g. to compute ``max(QKᵀ)``); its result is added like ``bias``.
+      impl: one of `ATTENTION_IMPLS` (``model.attention``); with ``bias`` / ``bias_fn`` always dense.
 
     Returns:
       ``[B, Lq, H, D]`` in the dtype of ``v``.
     """
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"q/k/v must be [B, L, H, D]; got {q.shape}, {k.shape}, {v.shape}")
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention implementation {impl!r}: one of {', '.join(ATTENTION_IMPLS)}")
+    b, lq, h, _ = q.shape
+    logit_bytes = 4 * b * h * lq * k.shape[1]
+    if bias is None and bias_fn is None and (impl == "flash" or (impl == "auto" and logit_bytes > FLASH_MIN_BYTES)):
+        return flash_attention(q, k, v, key_mask)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
@@ -158,6 +176,12 @@ def dot_product_attention(
         logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1)
     return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+
+
+def _check_impl(impl: str) -> str:
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"model.attention={impl!r}: one of {', '.join(ATTENTION_IMPLS)}")
+    return impl
 
 
 def _num_heads(channels: int, head_dim: int) -> int:
@@ -180,10 +204,12 @@ class SelfAttention(nnx.Module):
         head_dim: int = 64,
         num_groups: int = 32,
         dtype: jnp.dtype = jnp.float32,
+        attention: str = "auto",
         rngs: nnx.Rngs,
     ):
         self.num_heads = _num_heads(channels, head_dim)
         self.head_dim = head_dim
+        self.attention = _check_impl(attention)
         self.norm = GroupNorm32(channels, num_groups, rngs=rngs)
         self.q = linear(channels, channels, ("embed", "heads"), dtype=dtype, rngs=rngs)
         self.k = linear(channels, channels, ("embed", "heads"), dtype=dtype, rngs=rngs)
@@ -195,7 +221,7 @@ class SelfAttention(nnx.Module):
         t = self.norm(x).reshape(b, h * w, c)
         split = (b, h * w, self.num_heads, self.head_dim)
         o = dot_product_attention(
-            self.q(t).reshape(split), self.k(t).reshape(split), self.v(t).reshape(split)
+            self.q(t).reshape(split), self.k(t).reshape(split), self.v(t).reshape(split), impl=self.attention
         )
         return x + self.out(o.reshape(b, h * w, c)).reshape(b, h, w, c).astype(x.dtype)
 
@@ -216,12 +242,14 @@ class CrossAttention(nnx.Module):
         head_dim: int = 64,
         num_groups: int = 32,
         dtype: jnp.dtype = jnp.float32,
+        attention: str = "auto",
         rngs: nnx.Rngs,
     ):
         if context_dim <= 0:
             raise ValueError(f"cross-attention needs context_dim > 0, got {context_dim}")
         self.num_heads = _num_heads(channels, head_dim)
         self.head_dim = head_dim
+        self.attention = _check_impl(attention)
         self.norm = GroupNorm32(channels, num_groups, rngs=rngs)
         self.q = linear(channels, channels, ("embed", "heads"), dtype=dtype, rngs=rngs)
         self.k = linear(context_dim, channels, ("context", "heads"), dtype=dtype, rngs=rngs)
@@ -245,7 +273,7 @@ class CrossAttention(nnx.Module):
         k = self.k(ctx).reshape(b, n_ctx, self.num_heads, self.head_dim)
         v = self.v(ctx).reshape(b, n_ctx, self.num_heads, self.head_dim)
         bias_fn = None if attn_bias_fn is None else (lambda logits: attn_bias_fn(logits, (h, w)))
-        o = dot_product_attention(q, k, v, key_mask=context_mask, bias_fn=bias_fn)
+        o = dot_product_attention(q, k, v, key_mask=context_mask, bias_fn=bias_fn, impl=self.attention)
         return x + self.out(o.reshape(b, h * w, c)).reshape(b, h, w, c).astype(x.dtype)
 
 
@@ -263,6 +291,7 @@ def positional_embedding(x: jax.Array, dim: int, *, max_period: float = 10000.0)
 
 
 __all__: Sequence[str] = (
+    "ATTENTION_IMPLS",
     "AttnBiasFn",
     "CrossAttention",
     "GroupNorm32",

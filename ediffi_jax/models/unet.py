@@ -43,6 +43,11 @@ convolutions, projections and attention (the least memory, about one more forwar
 scale-shift, softmax). Results are identical; only what the backward pass stores changes. (XLA:CPU schedules the
 recomputation right after the forward pass of each layer, so on CPU the peak of a fused train step does not drop;
 the residuals kept for the backward do: tests/test_precision_remat.py.)
+
+Attention (``attention``, ``attention.ATTENTION_IMPLS``): ``"auto"`` (default) computes a layer whose float32
+logits would exceed 16 MiB with query-blocked attention and a recomputing backward
+(``models/flash_attention.py``: only O and the row log-sum-exp are kept), smaller ones densely; ``"dense"`` /
+``"flash"`` force one. Same result to float rounding; may change on resume (``train/checkpoint.FREE_FIELDS``).
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ import ml_collections
 from flax import nnx
 
 from ediffi_jax.models.attention import (
+    ATTENTION_IMPLS,
     AttnBiasFn,
     CrossAttention,
     GroupNorm32,
@@ -104,6 +110,7 @@ def unet_config(**overrides) -> ml_collections.ConfigDict:
             "in_cond_channels": 0,
             "noise_emb_scale": 1.0,
             "remat": "none",
+            "attention": "auto",
         }
     )
     for key, value in overrides.items():  # before the ConfigDict fixes each field's type (int -> tuple is ok)
@@ -135,6 +142,8 @@ def _validate(cfg: ml_collections.ConfigDict) -> None:
         raise ValueError(f"channels must be even (sinusoidal embedding width), got {cfg.channels}")
     if str(cfg.dtype) not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {cfg.dtype!r}")
+    if str(cfg.get("attention", "auto")) not in ATTENTION_IMPLS:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION_IMPLS)}, got {cfg.get('attention')!r}")
     if str(cfg.get("remat", "none")) not in REMAT_POLICIES:
         raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {cfg.get('remat')!r}")
     if not 0.0 <= cfg.dropout < 1.0:
@@ -300,6 +309,7 @@ class UNet(nnx.Module):
         emb_dim = base * int(config.emb_mult)
         attn_res, cross_res = set(config.attn_resolutions), set(config.cross_attn_resolutions)
         self.has_cross = bool(cross_res)
+        impl = str(config.get("attention", "auto"))
         scale = float(config.get("noise_emb_scale", 1.0))
 
         # --- conditioning embeddings -------------------------------------------------------------------
@@ -328,11 +338,13 @@ class UNet(nnx.Module):
         def attn_layers(ch: int, res: int) -> list[nnx.Module]:
             layers: list[nnx.Module] = []
             if res in attn_res:
-                layers.append(SelfAttention(ch, head_dim=head_dim, num_groups=groups, dtype=dtype, rngs=rngs))
+                layers.append(SelfAttention(ch, head_dim=head_dim, num_groups=groups, dtype=dtype,
+                                            attention=impl, rngs=rngs))
             if res in cross_res:
                 layers.append(
                     CrossAttention(
-                        ch, self.context_dim, head_dim=head_dim, num_groups=groups, dtype=dtype, rngs=rngs
+                        ch, self.context_dim, head_dim=head_dim, num_groups=groups, dtype=dtype,
+                        attention=impl, rngs=rngs
                     )
                 )
             return layers

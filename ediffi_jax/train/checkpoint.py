@@ -37,7 +37,7 @@ _LEGACY_FIELDS = ("step", "params", "ema", "opt_state")  # TrainState before `sk
 # by a config that agrees on all of them.
 SHAPE_KEYS = ("model", "conditioning", "encoders")
 # Fields under SHAPE_KEYS that may change between runs on one workdir (rates, paths to the same weights).
-FREE_FIELDS = ("drop_prob", "pretrained_dir", "tokenizer_dir", "remat")
+FREE_FIELDS = ("drop_prob", "pretrained_dir", "tokenizer_dir", "remat", "attention")
 
 
 def _lookup(d: dict, dotted: str) -> Any:
