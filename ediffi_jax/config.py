@@ -64,8 +64,11 @@ def default_config() -> ml_collections.ConfigDict:
     # Real image–text data (data/sources.py): name "folder" | "webdataset" | "coco" (built from `path` into
     # data_dir on first use; build-time filters min_size / max_aspect, folder caption layout `captions`, COCO
     # `coco_year`) or "tfds" (a prepared TFDS dataset: `path` = its directory, or `tfds_name` under data_dir, fields
-    # `image_key` / `caption_key`). Training reads `split`, evaluation `val_split` ("" = none); num_train / num_val
-    # are the shapes set's sizes only. Pipeline (data/pipeline.py make_image_text_iterator, data/records.py):
+    # `image_key` / `caption_key`). Training reads `split`; `val_split` ("" = none) is the held-out split of the
+    # validation loss (train/validation.py: the EMA model's EDM loss on its first `val_examples` usable examples,
+    # rounded up to whole global batches, centre-cropped, at 8 fixed σ quantiles with fixed noise; logged as
+    # eval/val_loss every train.eval_every steps and at the end). num_train / num_val are the shapes set's sizes
+    # only. Pipeline (data/pipeline.py make_image_text_iterator, data/records.py):
     # short side resized to `resolution` with `resize_filter` (bicubic | area | bilinear | lanczos), `crop`
     # (random | center), captions whitespace-collapsed and cut to `max_caption_chars`; bad records skipped and
     # counted per reason, the counts logged every `bad_record_log_every` steps (0 = only at checkpoints);
@@ -74,6 +77,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.tfds_name = ""
     c.data.split = "train"
     c.data.val_split = ""
+    c.data.val_examples = 256
     c.data.image_key = "image"
     c.data.caption_key = "caption"
     c.data.captions = "auto"
@@ -87,8 +91,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.num_threads = 4
     c.data.prefetch = 8
     c.data.bad_record_log_every = 1000
-    # A keyed embedding store (data/keyed_embeddings.py) joined to real-data records by "key" (pipeline only:
-    # train() does not read it yet, see validate).
+    # Real data: an `ediffi-embed` output of this data (one keyed store per split, data/keyed_embeddings.py) whose
+    # text embeddings are joined to the records by "key": the train step reads them instead of running the text
+    # encoders (only the CLIP image tower, if conditioning.order uses it, is loaded); a record whose key has none
+    # is skipped and counted as `missing_embedding`. The run uses the encoders it was embedded with and must match
+    # its conditioning, encoders and caption source. "" = encode captions in the step.
     c.data.embeddings = ""
 
     # EDM (Karras et al. 2022): σ_data and the training distribution ln σ ~ N(p_mean, p_std²).

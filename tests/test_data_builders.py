@@ -395,6 +395,28 @@ def test_coco_counts_read_back_and_fid_prompts(coco_data, data_root):
     assert all((d["image_id"], d["caption"]) in val for d in drawn)
 
 
+def test_one_coco_parser_counts_for_the_builder_and_raises_for_the_prompt_draw(tmp_path):
+    from ediffi_jax.data.coco_annotations import parse_annotations
+    from ediffi_jax.eval.captions import coco_captions
+
+    data = {"images": [{"id": 1, "file_name": "a.jpg"}, {"id": "2"}],
+            "annotations": [{"image_id": 1, "id": 10, "caption": "a cat"}, {"image_id": 1, "id": 10, "caption": "x"},
+                            {"image_id": 1, "caption": "no id"}, {"image_id": 1, "id": 11}]}
+    dropped = []
+    files, anns = parse_annotations(data, "f.json", drop=lambda *a: dropped.append(a[0]))
+    assert files == {1: "a.jpg"} and anns == {1: [(10, "a cat"), (11, None)]}
+    assert dropped == ["malformed_entry", "duplicate_key", "malformed_entry"]
+    with pytest.raises(ValueError, match=r"^f\.json: images entry \{'id': '2'\}: needs 'id' and 'file_name'$"):
+        parse_annotations(data, "f.json")
+    path = tmp_path / "captions_val2014.json"
+    path.write_text(json.dumps({**data, "images": data["images"][:1]}))
+    with pytest.raises(ValueError, match=r"captions_val2014\.json: annotation 10: annotation id seen before$"):
+        coco_captions(str(path), 1)
+    path.write_text(json.dumps({"images": data["images"][:1], "annotations": data["annotations"][-1:]}))
+    with pytest.raises(ValueError, match=r"annotation 11 has no text 'caption' \(None\)$"):
+        coco_captions(str(path), 1)
+
+
 def test_bad_input_errors(data_root, tfds_dir):
     with pytest.raises(ValueError, match="does not exist"):
         it.build_dataset("folder", f"{data_root}/nowhere", tfds_dir)

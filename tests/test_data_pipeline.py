@@ -305,12 +305,15 @@ def test_sources_tfds_by_directory_and_validate(tmp_path):
     it = pipeline.make_image_text_iterator(train, preprocess=Preprocess(32), batch_size=4, seed=0)
     b = next(it)
     assert b["image"].shape == (4, 32, 32, 3) and all(isinstance(x, str) for x in b["caption"])
-    for field, value, match in [("name", "laion", "one of shapes, folder"), ("val_split", "validation", "val_split"),
-                                ("crop", "top", "crop must be one of"), ("embeddings", "/x", "keyed embedding")]:
+    for field, value, match in [("name", "laion", "one of shapes, folder"), ("val_examples", 0, "val_examples"),
+                                ("crop", "top", "crop must be one of"), ("precomputed", "/p", "data.embeddings")]:
         bad = c.copy_and_resolve_references()
-        bad.data[field] = value
+        bad.data.update({"val_split": "train", "embeddings": "/x", field: value})
         with pytest.raises(ValueError, match=match):
             loop.validate(bad)
+    ok = c.copy_and_resolve_references()
+    ok.data.update(dict(val_split="train", embeddings="/x"))
+    loop.validate(ok)  # real data: a validation split and a keyed embedding store (checked when opened)
     with pytest.raises(ValueError, match="needs data.path"):
         sources.build(_with(c.data, name="folder", path=""))
 

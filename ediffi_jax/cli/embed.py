@@ -1,6 +1,7 @@
 """`ediffi-embed --config configs/tiny.py --out DIR [--batch_size 64] [--dtype float32|float16] [--fsdp 1]
 [--config.x=y ...]`: run the frozen encoders over a run's data once and store the embeddings (see
-`ediffi_jax.precompute`). Train on the output with `--config.data.precomputed=DIR`.
+`ediffi_jax.precompute`). Train on the output with `--config.data.precomputed=DIR` (shapes) or, for real data
+(`--config.data.name=folder|webdataset|coco|tfds`: caption embeddings in keyed stores), `--config.data.embeddings=DIR`.
 """
 
 from __future__ import annotations

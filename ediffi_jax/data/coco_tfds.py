@@ -19,7 +19,8 @@ consecutive records. FID-30K: draw the prompts with ``coco_captions(captions_val
 image ids it returns are the key prefixes of the validation split, whose records hold the matching reference
 images; one image per id, e.g. the first record of each prefix, or the ``val2014/`` folder itself).
 
-Counting (units: annotations): an annotation whose image id is not in ``images`` or whose file is absent is
+Counting (units: annotations; the entries are parsed by `coco_annotations`, shared with the FID prompt draw): an
+annotation whose image id is not in ``images`` or whose file is absent is
 ``missing_image``; one without ``caption`` ``missing_caption``; a non-string caption ``bad_caption``; a repeated
 annotation id ``duplicate_key`` (the first in file order wins); an entry that is not an object or lacks its
 ``image_id`` / ``id`` ``malformed_entry``. An image without any annotation counts once as ``missing_caption``.
@@ -30,12 +31,12 @@ Image checks (unreadable, too small, bad aspect) drop every annotation of that i
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterator
 from typing import Any
 
 import tensorflow_datasets as tfds
 
+from ediffi_jax.data import coco_annotations
 from ediffi_jax.data import image_text as it
 
 SPLITS = {"train": "train", "validation": "val"}
@@ -87,14 +88,10 @@ def image_id_of(key: str) -> int:
 def read_annotations(path: Any) -> dict[str, Any]:
     """The parsed captions JSON (``images`` and ``annotations`` lists); ValueError naming the file otherwise."""
     try:
-        data = json.loads(it.to_path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        text = it.to_path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list) or not isinstance(
-            data.get("images", []), list):
-        raise ValueError(f"{path}: not a COCO captions file (needs lists 'images' of {{id, file_name}} and "
-                         "'annotations' of {image_id, id, caption}, as captions_val2014.json)")
-    return data
+    return coco_annotations.parse_json(text, path)
 
 
 class Coco(it.ImageTextBuilder):
@@ -116,21 +113,7 @@ def _split_records(ann_path: Any, images_dir: Any) -> Any:
 
 
 def _records(checker: it.RecordChecker, ann_path: Any, images_dir: Any) -> Iterator[dict]:
-    data = read_annotations(ann_path)
-    files: dict[int, str] = {}
-    for entry in data.get("images", []):
-        if isinstance(entry, dict) and isinstance(entry.get("file_name"), str) and _is_int(entry.get("id")):
-            files.setdefault(int(entry["id"]), entry["file_name"])
-        else:
-            checker.drop("malformed_entry", f"images entry {str(entry)[:60]}", "needs 'id' and 'file_name'")
-    by_image: dict[int, list[tuple[int, Any]]] = {}
-    for entry in data["annotations"]:
-        if not (isinstance(entry, dict) and _is_int(entry.get("image_id")) and _is_int(entry.get("id"))):
-            checker.drop("malformed_entry", f"annotation {str(entry)[:60]}", "needs integer 'image_id' and 'id'")
-            continue
-        image_id, ann_id = int(entry["image_id"]), int(entry["id"])
-        if checker.claim(f"annotation {ann_id}"):
-            by_image.setdefault(image_id, []).append((ann_id, entry.get("caption")))
+    files, by_image = coco_annotations.parse_annotations(read_annotations(ann_path), ann_path, drop=checker.drop)
     on_disk = {p.name for p in images_dir.iterdir()}
     for image_id in sorted(set(files) | set(by_image)):
         anns = sorted(by_image.get(image_id, []), key=lambda a: a[0])
@@ -159,10 +142,6 @@ def _records(checker: it.RecordChecker, ann_path: Any, images_dir: Any) -> Itera
                 yield checker.image_record(key, probed, text)
             except it.Dropped as e:
                 checker.drop(e.reason, key, e.detail)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def build_coco(path: str, data_dir: str, *, year: str = "2014", min_size: int = 0,

@@ -43,6 +43,10 @@ TFDS_DIR = "tfds"
 ENCODERS_DIR = "encoders"
 DATASET_NAME = "ediffi_embedded"
 STORAGE_DTYPES = ("float32", "float16")
+KEYED_LAYOUT = "keyed"  # manifest "layout" of a real-data output: one keyed store per split (keyed_embeddings.py)
+# The data fields that decide a real-data record's key and cleaned caption (what a keyed output depends on).
+KEYED_DATA_FIELDS = ("name", "path", "tfds_name", "caption_key", "captions", "coco_year", "min_size", "max_aspect",
+                     "max_caption_chars")
 SHARD_BYTES = 512 << 20  # target size of one array_record shard
 
 
@@ -163,12 +167,22 @@ def _jsonable(x: Any) -> Any:
 
 def source_key(config: ml_collections.ConfigDict, dtype: str) -> dict:
     """What determines an output's contents: the source data, the encoders, the embeddings and their dtype."""
-    data = {k: v for k, v in config.data.to_dict().items() if k not in ("precomputed", "data_dir")}
+    data = {k: v for k, v in config.data.to_dict().items() if k not in ("precomputed", "data_dir", "val_examples")}
     emb = {n: {k: config.conditioning.embeddings[n][k] for k in ("dim", "pooled", "pooled_dim")}
            for n in config.conditioning.order}
     return _jsonable({"data": data, "encoders": config.encoders.to_dict(),
                       "conditioning": {"order": list(config.conditioning.order), "embeddings": emb},
                       "dtype": dtype})
+
+
+def keyed_source_key(config: ml_collections.ConfigDict, dtype: str) -> dict:
+    """`source_key` of a keyed output (real data): only what decides the captions and their keys counts, so the
+    image pipeline's settings (resolution, crop, workers, ...) may change without re-embedding."""
+    key = source_key(config, dtype)
+    d = config.data
+    key["data"] = _jsonable({**{k: d[k] for k in KEYED_DATA_FIELDS},
+                             "splits": [d.split] + ([d.val_split] if d.val_split else [])})
+    return key
 
 
 def first_difference(a: Any, b: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
@@ -210,7 +224,10 @@ def read_manifest(path: str, what: str) -> dict | None:
 def check_matches(manifest: Mapping[str, Any], config: ml_collections.ConfigDict, what: str) -> None:
     """One-line ValueError when the run's conditioning, resolution or encoders differ from the output's."""
     widths = manifest["embeddings"]
+    computed = ("clip_image",) if manifest.get("layout") == KEYED_LAYOUT else ()  # from the image, in the step
     for n in config.conditioning.order:
+        if n in computed:
+            continue
         if n not in widths:
             raise ValueError(f"conditioning.order names {n!r} but {what} holds only the embeddings "
                              f"{tuple(manifest['names'])}")
@@ -221,7 +238,7 @@ def check_matches(manifest: Mapping[str, Any], config: ml_collections.ConfigDict
         if e.pooled == "given" and e.pooled_dim != w["pooled_dim"]:
             raise ValueError(f"conditioning.embeddings.{n}.pooled_dim={e.pooled_dim} but {what} holds {n} "
                              f"pooled embeddings of width {w['pooled_dim']}")
-    if config.data.resolution != manifest["resolution"]:
+    if "resolution" in manifest and config.data.resolution != manifest["resolution"]:
         r = manifest["resolution"]
         raise ValueError(f"data.resolution={config.data.resolution} but {what} holds {r}x{r} images")
     # The run samples (evaluates) with these encoders: they must be the ones the data was embedded with.
@@ -253,3 +270,36 @@ def load_embedded(path: str, config: ml_collections.ConfigDict) -> tuple[Any, An
     train = builder.as_data_source("train")
     val = builder.as_data_source("validation") if "validation" in builder.info.splits else None
     return train, val
+
+
+def load_keyed(path: str, config: ml_collections.ConfigDict) -> tuple[Any, Any]:
+    """(train store, validation store or None) of a real-data `ediffi-embed` output (`KeyedEmbeddings` of
+    ``data.split`` and ``data.val_split``), after checking that it was made from this data with these encoders."""
+    from ediffi_jax.data.keyed_embeddings import KeyedEmbeddings
+
+    root = os.path.expanduser(path)
+    what = f"data.embeddings={path!r}"
+    if not os.path.isdir(root):
+        raise ValueError(f"{what} is not a directory")
+    manifest = read_manifest(root, what)
+    if manifest is None:
+        raise ValueError(f"{what} has no {MANIFEST}: not an ediffi-embed output")
+    if manifest.get("layout") != KEYED_LAYOUT:
+        raise ValueError(f"{what} is an ediffi-embed output of shapes-like data: train on it with data.precomputed")
+    if not manifest.get("complete"):
+        raise ValueError(f"{what} is an incomplete ediffi-embed output (interrupted?); run ediffi-embed on it again")
+    check_matches(manifest, config, what)
+    there = manifest["source"]["data"]
+    for k in KEYED_DATA_FIELDS:
+        if _jsonable(config.data[k]) != there.get(k):
+            raise ValueError(f"data.{k}={config.data[k]!r} but {what} was embedded from data.{k}={there.get(k)!r}")
+    stores = []
+    for split in (config.data.split, config.data.val_split):
+        if not split:
+            stores.append(None)
+        elif split not in manifest["splits"]:
+            raise ValueError(f"{what} holds no split {split!r} (has {', '.join(manifest['splits'])}); embed it with "
+                             f"ediffi-embed --config.data.split / --config.data.val_split")
+        else:
+            stores.append(KeyedEmbeddings(os.path.join(root, manifest["splits"][split]["dir"])))
+    return stores[0], stores[1]

@@ -185,9 +185,15 @@ class Preprocess:
         im = decode_pil(record["image"], 2 * self.resolution if self.jpeg_draft else 0)
         arr = np.asarray(resize_short_side(im, self.resolution, self.resize_filter), dtype=np.uint8)
         arr = crop_square(arr, self.resolution, self.crop, rng)
-        key = record.get("key", "")
-        key = bytes(key).decode("utf-8", "replace") if isinstance(key, (bytes, np.bytes_)) else str(key)
-        return {"image": np.ascontiguousarray(arr), "caption": caption, "key": key}
+        return {"image": np.ascontiguousarray(arr), "caption": caption, "key": record_key(record)}
+
+
+def record_key(record: Any) -> str:
+    """A record's ``"key"`` as str ("" when it has none): what joins it to its keyed embeddings."""
+    key = record.get("key", "")
+    if isinstance(key, np.ndarray) and key.ndim == 0:
+        key = key.item()
+    return bytes(key).decode("utf-8", "replace") if isinstance(key, (bytes, np.bytes_)) else str(key)
 
 
 def to_float(image: np.ndarray) -> np.ndarray:

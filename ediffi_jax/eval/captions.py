@@ -5,8 +5,9 @@ annotations file is ``captions_val2014.json`` of ``annotations_trainval2014.zip`
 ``annotations``, each annotation ``{"image_id", "id", "caption"}``). `coco_captions` draws ``num`` *distinct
 images* (without replacement, ``numpy.random.default_rng(seed)`` over the image ids sorted ascending) and one of
 each image's captions (uniformly, same generator), so the same (file, seed, num) always gives the same list; the
-caption text is stripped and its whitespace collapsed. val2014 has 40,504 images (~5 captions each), enough for
-30,000 distinct ones.
+caption text is stripped and its whitespace collapsed. The file is parsed by `ediffi_jax.data.coco_annotations`
+(the TFDS builder's parser); here any malformed entry, repeated annotation id or non-text caption is an error.
+val2014 has 40,504 images (~5 captions each), enough for 30,000 distinct ones.
 
 Shapes (`shapes_examples`): the synthetic data of a run's config (`ediffi_jax.data.shapes`), examples
 ``num_train, num_train + 1, ...`` (the validation range of its TFDS build and, beyond ``num_val``, further
@@ -15,11 +16,12 @@ unseen examples of the same generator); the images of the same examples are the 
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import numpy as np
+
+from ediffi_jax.data.coco_annotations import parse_annotations, parse_json
 
 __all__ = ["coco_captions", "shapes_examples", "read_prompts"]
 
@@ -36,19 +38,16 @@ def coco_captions(path: str, num: int, seed: int = 0) -> list[dict[str, Any]]:
                          "annotations_trainval2014.zip)")
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            text = f.read()
+    except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
-        raise ValueError(f"{path}: not a COCO captions file (needs a list 'annotations' of "
-                         "{{image_id, id, caption}}, as captions_val2014.json)")
-    files = {int(im["id"]): im.get("file_name", "") for im in data.get("images", []) if "id" in im}
+    files, annotations = parse_annotations(parse_json(text, path), path)  # a bad entry is an error here
     by_image: dict[int, list[tuple[int, str]]] = {}
-    for ann in data["annotations"]:
-        try:
-            by_image.setdefault(int(ann["image_id"]), []).append((int(ann.get("id", 0)), _clean(ann["caption"])))
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{path}: annotation {str(ann)[:80]} lacks 'image_id' or 'caption'") from None
+    for image_id, anns in annotations.items():
+        for ann_id, caption in anns:
+            if not isinstance(caption, str):
+                raise ValueError(f"{path}: annotation {ann_id} has no text 'caption' ({caption!r:.40})")
+            by_image.setdefault(image_id, []).append((ann_id, _clean(caption)))
     ids = sorted(i for i, caps in by_image.items() if any(c for _, c in caps))
     if num < 1 or num > len(ids):
         raise ValueError(f"{path}: cannot draw {num} distinct images: it has {len(ids)} images with captions")

@@ -51,6 +51,7 @@ from tqdm import tqdm
 
 from ediffi_jax import sr
 from ediffi_jax.data import pipeline, records, shapes, sources
+from ediffi_jax.data.embedded import load_keyed
 from ediffi_jax.encoders import FrozenEncoders, embeddings_from_batch, setup_encoders
 from ediffi_jax.sampling import HeunConfig
 from ediffi_jax.text_to_image import make_sampler, save_grid, to_uint8
@@ -66,6 +67,7 @@ from ediffi_jax.train.step import (
     step_spec,
     train_step,
 )
+from ediffi_jax.train.validation import ValidationLoss
 
 log = logging.getLogger(__name__)
 
@@ -141,16 +143,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
     d = config.data
     if d.name not in sources.NAMES and not d.precomputed:
         raise ValueError(f"data.name={d.name!r}: one of {', '.join(sources.NAMES)}")
+    if d.embeddings and d.precomputed:
+        raise ValueError(f"data.embeddings={d.embeddings!r} and data.precomputed={d.precomputed!r}: give one "
+                         "(data.embeddings for real data, data.precomputed for shapes)")
+    if d.embeddings and d.name not in sources.IMAGE_TEXT_NAMES:
+        raise ValueError(f"data.embeddings={d.embeddings!r} joins real data by record key; data.name={d.name!r} is "
+                         f"not one of {', '.join(sources.IMAGE_TEXT_NAMES)}")
     if d.name in sources.IMAGE_TEXT_NAMES and not d.precomputed:
-        if d.val_split:
-            raise ValueError("data.val_split: evaluation during training scores shapes captions only; leave it "
-                             "empty for real data (evaluate checkpoints with ediffi-eval)")
-        if d.embeddings:
-            raise ValueError("data.embeddings: train() does not read a keyed embedding store yet; use "
-                             "data.precomputed (an ediffi-embed output)")
         records.Preprocess(d.resolution, d.crop, d.resize_filter, d.max_caption_chars)  # checks those fields
         if d.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {d.num_workers}")
+        if d.val_split and d.val_examples < 1:
+            raise ValueError(f"data.val_examples must be >= 1 with data.val_split, got {d.val_examples}")
     for n in config.conditioning.order:
         p = config.conditioning.embeddings[n].drop_prob
         if not 0.0 <= p <= 1.0:
@@ -200,29 +204,48 @@ def load_data(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
     return builder.as_data_source("train"), builder.as_data_source("validation") if d.num_val > 0 else None
 
 
-def _device_keys(config: ml_collections.ConfigDict, encoders: FrozenEncoders) -> tuple[str, ...]:
+def _device_keys(config: ml_collections.ConfigDict, encoders: FrozenEncoders | None) -> tuple[str, ...]:
     """Keys of a data batch that go to the device (captions stay on the host)."""
     images = ("image", "lowres") if sr.is_sr(config) else ("image",)
-    if not config.data.precomputed:
+    if not config.data.precomputed and not config.data.embeddings:
         return images + tuple(k for k in encoders.batch_keys if k != "image")
     keys = list(images)
-    for n in encoders.names:
-        keys += ["clip_image_pooled"] if n == "clip_image" else [f"{n}_tokens", f"{n}_mask"]
+    for n in config.conditioning.order:
+        if n == "clip_image":  # stored as its pooled vector; a keyed store has none: the step encodes "image"
+            keys += ["clip_image_pooled"] if config.data.precomputed else []
+            continue
+        keys += [f"{n}_tokens", f"{n}_mask"]
         if n == "clip_text":
             keys.append("clip_text_pooled")
     return tuple(keys)
 
 
 def _encoder_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
-    """<workdir>/encoders; with precomputed data, a copy of the encoders the data was embedded with."""
+    """<workdir>/encoders; with embedded data (data.precomputed / data.embeddings: an ediffi-embed output), a copy
+    of the encoders the data was embedded with."""
     enc_dir = os.path.join(workdir, "encoders")
-    src = os.path.join(os.path.expanduser(config.data.precomputed), "encoders") if config.data.precomputed else ""
+    field = next((f for f in ("precomputed", "embeddings") if config.data[f]), "")
+    src = os.path.join(os.path.expanduser(config.data[field]), "encoders") if field else ""
     if src and not os.path.isdir(enc_dir) and jax.process_index() == 0:
         if not os.path.isdir(src):
-            raise ValueError(f"data.precomputed={config.data.precomputed!r} has no encoders/ directory: "
+            raise ValueError(f"data.{field}={config.data[field]!r} has no encoders/ directory: "
                              "not an ediffi-embed output")
         shutil.copytree(src, enc_dir)
     return enc_dir
+
+
+def _keyed_encode(order: tuple[str, ...], image_encoder: FrozenEncoders | None) -> Any:
+    """The train step's `encode` with a keyed store: the text embeddings read from the batch, "clip_image" from
+    the CLIP image tower (`image_encoder`, the only encoder loaded) on the batch's image."""
+    stored = tuple(n for n in order if n != "clip_image")
+
+    def encode(params: Any, batch: dict) -> dict:
+        out = embeddings_from_batch(batch, stored)
+        if image_encoder is not None:
+            out.update(image_encoder.encode(params, batch))
+        return out
+
+    return encode
 
 
 def _device_batch(batch: dict, keys: tuple[str, ...]) -> dict:
@@ -238,21 +261,30 @@ def _caption(record: dict) -> str:
     return c.decode() if isinstance(c, bytes) else str(c)
 
 
-def _setup_encoders(config: ml_collections.ConfigDict, workdir: str, parent: str, train_src: Any) -> FrozenEncoders:
+def _setup_encoders(config: ml_collections.ConfigDict, workdir: str, parent: str,
+                    train_src: Any) -> FrozenEncoders | None:
     """The run's frozen encoders. Multi-host: process 0 creates what is missing (copies of the parent's or the
-    precomputed data's encoders, random encoders, trained tokenizers) while the others wait, then they read it."""
-    def setup() -> FrozenEncoders:
+    precomputed data's encoders, random encoders, trained tokenizers) while the others wait, then they read it.
+    With data.embeddings only the CLIP image tower is loaded (None when the run does not use "clip_image"): the
+    text embeddings come with the data."""
+    def setup() -> FrozenEncoders | None:
         if parent:
             copy_parent_encoders(parent, os.path.join(workdir, "encoders"))
+        enc_dir = _encoder_dir(config, workdir)
+        cfg = config
+        if config.data.embeddings:
+            if "clip_image" not in config.conditioning.order:
+                return None
+            cfg = config.copy_and_resolve_references()
+            cfg.conditioning.order = ("clip_image",)
         n_tok = min(len(train_src), 5000)
-        return setup_encoders(config, _encoder_dir(config, workdir),
-                              captions=(_caption(train_src[i]) for i in range(n_tok)))
+        return setup_encoders(cfg, enc_dir, captions=(_caption(train_src[i]) for i in range(n_tok)))
 
     if jax.process_count() == 1:
         return setup()
     encoders = setup() if jax.process_index() == 0 else None
     multihost_utils.sync_global_devices("ediffi_jax:encoders")
-    return encoders or setup()
+    return encoders if jax.process_index() == 0 else setup()
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -270,23 +302,27 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
     # ---------------------------------------------------------------- input
     train_src, val_src = load_data(config)
+    d = config.data
+    train_store, val_store = load_keyed(d.embeddings, config) if d.embeddings else (None, None)
     encoders = _setup_encoders(config, workdir, parent, train_src)
     device_keys = _device_keys(config, encoders)
-    if config.data.precomputed:
+    if d.precomputed:
         names = encoders.names
         encode, tokenize = (lambda _, b: embeddings_from_batch(b, names)), None  # noqa: E731
+    elif d.embeddings:  # text embeddings from the keyed store; "clip_image" (if used) encoded from the image
+        encode, tokenize = _keyed_encode(tuple(config.conditioning.order), encoders), None
     else:
         encode, tokenize = encoders.encode, encoders.tokenize
     # Every process reads its own block of each global batch; the global batches do not depend on the
     # number of processes, so a run on 1 host and on N hosts sees the same examples at every step.
     pair = sr.pair_transform(int(config.sr.factor), int(config.sr.crop)) if sr.is_sr(config) else None
-    d = config.data
-    if d.name in sources.IMAGE_TEXT_NAMES and not d.precomputed:  # resize, crop, bad records skipped and counted
+    real = d.name in sources.IMAGE_TEXT_NAMES and not d.precomputed
+    if real:  # resize, crop, bad records skipped and counted
         train_iter = pipeline.make_image_text_iterator(
             train_src, preprocess=records.Preprocess(d.resolution, d.crop, d.resize_filter, d.max_caption_chars),
             batch_size=local_batch, seed=config.seed, tokenize=tokenize, shard_index=jax.process_index(),
-            shard_count=jax.process_count(), split_batches=True, transform=pair, num_workers=d.num_workers,
-            num_threads=d.num_threads, prefetch_batches=d.prefetch)
+            shard_count=jax.process_count(), split_batches=True, transform=pair, embeddings=train_store,
+            num_workers=d.num_workers, num_threads=d.num_threads, prefetch_batches=d.prefetch)
     else:
         train_iter = pipeline.make_train_iterator(
             train_src, batch_size=local_batch, seed=config.seed, tokenize=tokenize,
@@ -325,8 +361,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     # ---------------------------------------------------------------- update (compiled once, ahead of time)
     first = _device_batch(next(train_iter), device_keys)
     # Frozen encoders sharded by the same rules (evaluation encodes prompts with them next to the sharded EMA).
-    encoders = dataclasses.replace(encoders, params=sharding.shard_params(encoders.params, mesh))
-    enc_params = {} if config.data.precomputed else encoders.params
+    if encoders is not None:
+        encoders = dataclasses.replace(encoders, params=sharding.shard_params(encoders.params, mesh))
+    enc_params = {} if d.precomputed or encoders is None else encoders.params
     rep = sharding.replicated(mesh)
     key = jax.device_put(jax.random.PRNGKey(config.seed), rep)
     # The untruncated distribution, and this node's σ interval as an operand: every expert compiles the same step.
@@ -343,6 +380,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             enc_params, key, interval).compile()
     log.info("train step compiled in %.1f s", time.perf_counter() - t0)
     sharding.log_memory(step_fn)
+    # Real data: the validation loss on a fixed held-out set of data.val_split (shapes: sampled shape-scores).
+    validation = ValidationLoss(
+        config, val_src, store=val_store, tokenize=tokenize, device_keys=device_keys, encode=encode,
+        enc_params=enc_params, graphdef=graphdef, mesh=mesh, local_batch=local_batch, sigma_dist=sigma_dist,
+        ema_shardings=state_shardings.ema) if real and val_src is not None else None
 
     writer = SummaryWriter(os.path.join(workdir, "tb")) if jax.process_index() == 0 else None
     metrics: dict[str, float] = {}
@@ -383,7 +425,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                                 "command to resume", done)
                     raise Preempted(done)
                 periodic_eval = config.train.eval_every and done % config.train.eval_every == 0 and done != total
-                if val_src is not None and periodic_eval:
+                if validation is not None and periodic_eval:
+                    _log_eval(validation(state), writer, done)
+                elif val_src is not None and periodic_eval:
                     _log_eval(evaluate(config, encoders, graphdef, state, val_src, workdir, done), writer, done)
         finally:
             stop.close()
@@ -393,7 +437,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             ckpt.close()  # waits for an in-flight async save, so an interrupted run keeps its last checkpoint
 
         # ------------------------------------------------------------ final evaluation
-        if val_src is not None and config.train.eval_num > 0:
+        if validation is not None:
+            metrics.update(_log_eval(validation(state), writer, total))
+        elif val_src is not None and config.train.eval_num > 0:
             metrics.update(_log_eval(evaluate(config, encoders, graphdef, state, val_src, workdir, total),
                                      writer, total))
     finally:
