@@ -105,7 +105,7 @@ def ema_decay(t: int | float) -> float:
 # ----------------------------------------------------------------------------------------------------------
 # ours
 # ----------------------------------------------------------------------------------------------------------
-def ours_config(w: Workload):
+def ours_config(w: Workload, attention: str = "auto"):
     import ml_collections
 
     from ediffi_jax.config import default_config
@@ -116,7 +116,8 @@ def ours_config(w: Workload):
     c.model = unet_config(
         image_size=w.image_size, channels=w.block_channels[0], channel_mult=mult, num_res_blocks=w.layers_per_block,
         attn_resolutions=w.ours_attn_res(), cross_attn_resolutions=w.ours_attn_res(), head_dim=w.head_dim,
-        num_groups=32, dropout=0.0, context_dim=w.context_dim, pooled_dim=0, emb_mult=4, resblock_updown=False)
+        num_groups=32, dropout=0.0, context_dim=w.context_dim, pooled_dim=0, emb_mult=4, resblock_updown=False,
+        attention=attention)
     c.conditioning.order = ("text",)
     c.conditioning.embeddings = ml_collections.ConfigDict(
         {"text": dict(dim=w.context_dim, pooled="none", pooled_dim=0, drop_prob=0.0)})
@@ -127,7 +128,7 @@ def ours_config(w: Workload):
     return c
 
 
-def ours_setup(w: Workload):
+def ours_setup(w: Workload, attention: str = "auto"):
     """(jitted step, initial state, step args after the state, key, forward fn, forward args, n_params)."""
     import jax
     import jax.numpy as jnp
@@ -136,7 +137,7 @@ def ours_setup(w: Workload):
 
     from ediffi_jax.train.step import build_model, init_train_state, make_optimizer, split_model, step_spec, train_step
 
-    c = ours_config(w)
+    c = ours_config(w, attention)
     rng = np.random.default_rng(0)
     b, r = w.batch, w.image_size
     batch = {"image": jnp.asarray(rng.uniform(-1, 1, (b, r, r, 3)), jnp.float32),
@@ -258,10 +259,79 @@ def torch_setup(w: Workload):
     return step, model, n_params
 
 
+# ----------------------------------------------------------------------------------------------------------
+# sampling: our whole jitted Heun sampler vs the peers' UNet forward at the sampler's batch
+# ----------------------------------------------------------------------------------------------------------
+def ours_sampler_setup(w: Workload, num_steps: int, attention: str = "auto"):
+    """(call → images, our UNet forward at batch 2B for the FLOP count, its args, n_params): `make_sampler` with
+    guidance, i.e. one forward of the conditional and unconditional branches batched (2B) per evaluation."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ediffi_jax.sampling import HeunConfig
+    from ediffi_jax.text_to_image import make_sampler
+    from ediffi_jax.train.step import build_model, split_model
+
+    c = ours_config(w, attention)
+    graphdef, params = split_model(build_model(c, 0))
+    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+    rng = np.random.default_rng(0)
+    b, r = w.batch, w.image_size
+    emb = {"text": {"tokens": jnp.asarray(rng.normal(size=(b, w.context_len, w.context_dim)), jnp.float32),
+                    "mask": jnp.ones((b, w.context_len), bool)}}
+    noise = jnp.asarray(rng.normal(size=(b, r, r, 3)), jnp.float32)
+    sampler = make_sampler(graphdef, HeunConfig(num_steps=num_steps), SIGMA_DATA)
+    s = jnp.float32(3.0)
+    key = jax.random.PRNGKey(0)
+
+    def call():
+        return jax.block_until_ready(sampler(params, emb, noise, key, s, s))
+
+    _, _, _, _, forward, fwd_args, _ = ours_setup(pm_double(w), attention)
+    return call, forward, fwd_args, n_params
+
+
+def pm_double(w: Workload) -> Workload:
+    """The workload at twice its batch: what one guided sampler evaluation runs (conditional + unconditional)."""
+    return dataclasses.replace(w, batch=2 * w.batch)
+
+
+def torch_forward_setup(w: Workload):
+    """(forward at batch 2B under inference_mode, model, n_params): the PyTorch peer's cost per guided evaluation,
+    with the same EDM preconditioning and guidance combination around it."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    down, up = peer_block_types(w)
+    model = UNet2DConditionModel(
+        sample_size=w.image_size, in_channels=3, out_channels=3, down_block_types=down, up_block_types=up,
+        block_out_channels=w.block_channels, layers_per_block=w.layers_per_block, cross_attention_dim=w.context_dim,
+        attention_head_dim=heads(w), norm_num_groups=32).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    g = torch.Generator().manual_seed(0)
+    b, r = 2 * w.batch, w.image_size
+    x = torch.randn((w.batch, 3, r, r), generator=g) * 10
+    ctx = torch.randn((b, w.context_len, w.context_dim), generator=g)
+    sigma = torch.full((b,), 10.0)
+    c_in, c_skip, c_out, c_noise, _ = (v.view(-1, 1, 1, 1) if i != 3 else v
+                                       for i, v in enumerate(edm_sigma_terms(sigma, torch)))
+
+    def forward():
+        with torch.inference_mode():
+            xx = torch.cat([x, x])
+            d = c_skip * xx + c_out * model(c_in * xx, c_noise, encoder_hidden_states=ctx).sample
+            d_u, d_c = d[: w.batch], d[w.batch:]
+            return d_u + 3.0 * (d_c - d_u)
+
+    return forward, model, n_params
+
+
 def model_flops_per_step(fwd_flops: float) -> float:
     """Forward + backward (≈ 2 × forward) of the counted ops."""
     return 3.0 * fwd_flops
 
 
-__all__ = ["WORKLOADS", "Workload", "differences", "flax_setup", "model_flops_per_step", "ours_setup",
-           "torch_setup"]
+__all__ = ["WORKLOADS", "Workload", "differences", "flax_setup", "model_flops_per_step", "ours_sampler_setup",
+           "ours_setup", "pm_double", "torch_forward_setup", "torch_setup"]

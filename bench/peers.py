@@ -43,8 +43,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import peer_models as pm  # noqa: E402
 
-KINDS = ("ours", "torch", "flax", "flax_mem")
-LABELS = {"ours": "ours (ediffi-jax, jax.jit)", "torch": "diffusers PyTorch (eager)",
+KINDS = ("ours", "ours_dense", "torch", "flax", "flax_mem")
+DEFAULT_KINDS = ("ours", "torch", "flax", "flax_mem")
+LABELS = {"ours": "ours (ediffi-jax, jax.jit)", "ours_dense": "ours, model.attention=dense",
+          "torch": "diffusers PyTorch (eager)",
           "flax": "diffusers Flax (jit)", "flax_mem": "diffusers Flax, mem-efficient attn"}
 GB = 1e9
 
@@ -161,6 +163,10 @@ def child_ours(w, args) -> dict:
     return _jax_child(w, args, lambda: pm.ours_setup(w))
 
 
+def child_ours_dense(w, args) -> dict:
+    return _jax_child(w, args, lambda: pm.ours_setup(w, attention="dense"))
+
+
 def child_flax(w, args) -> dict:
     return _jax_child(w, args, lambda: pm.flax_setup(w, mem_efficient=False))
 
@@ -190,8 +196,8 @@ def child_torch(w, args) -> dict:
     return out
 
 
-CHILDREN = {"peak": child_peak, "ours": child_ours, "torch": child_torch, "flax": child_flax,
-            "flax_mem": child_flax_mem}
+CHILDREN = {"peak": child_peak, "ours": child_ours, "ours_dense": child_ours_dense, "torch": child_torch,
+            "flax": child_flax, "flax_mem": child_flax_mem}
 
 
 def child_main(args) -> None:
@@ -229,15 +235,16 @@ def _rss(pid: int) -> float:
     return 0.0
 
 
-def run_child(kind: str, args, logdir: Path) -> dict:
+def run_child(kind: str, args, logdir: Path, script: str = __file__, extra: tuple[str, ...] = ()) -> dict:
+    """Runs `script --child kind` (its own process), watching its memory; returns its RESULT line's dict."""
     env = dict(os.environ)
-    if kind == "torch":
+    if kind.startswith("torch"):
         env["USE_FLAX"] = "0"  # diffusers would otherwise import jax too
     elif kind.startswith("flax"):
         env["USE_TORCH"] = "0"  # ... and torch
-    cmd = [sys.executable, __file__, "--child", kind, "--workload", args.workload, "--steps", str(args.steps),
-           "--mem_budget_gb", f"{args.mem_budget_gb:.3f}"]
-    if args.profile and kind != "torch":
+    cmd = [sys.executable, script, "--child", kind, "--workload", args.workload, "--steps", str(args.steps),
+           "--mem_budget_gb", f"{args.mem_budget_gb:.3f}", *extra]
+    if args.profile and not kind.startswith("torch"):
         cmd += ["--profile", str(Path(args.profile) / kind)]
     log = open(logdir / f"{kind}.log", "w")
     t0 = time.perf_counter()
@@ -379,7 +386,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workload", default="small", choices=sorted(pm.WORKLOADS))
     ap.add_argument("--steps", type=int, default=None, help="timed steps per framework (default: the workload's)")
-    ap.add_argument("--only", default=",".join(KINDS), help=f"comma-separated subset of {','.join(KINDS)}")
+    ap.add_argument("--only", default=",".join(DEFAULT_KINDS),
+                    help=f"comma-separated subset of {','.join(KINDS)} (default: {','.join(DEFAULT_KINDS)})")
     ap.add_argument("--mem_budget_gb", type=float, default=None,
                     help="per-child memory budget (default: memory available at the start − 2 GB)")
     ap.add_argument("--child_timeout", type=float, default=1800.0)

@@ -107,5 +107,10 @@ def test_auto_picks_flash_only_for_large_logits_and_never_with_a_bias_hook():
     out = dot_product_attention(q, k, v, bias_fn=hook, impl="flash")  # a hook needs the whole logit tensor
     assert seen == [(1, 2, 64, 64)]
     np.testing.assert_allclose(out, dot_product_attention(q, k, v, impl="dense"), rtol=1e-6)
+    # auto: blocked above the backend's threshold (CPU 1 MiB of float32 logits), dense below it
+    big = _qkv(2, 512, 512, 2, 8, seed=9)  # 2 × 2 × 512² × 4 B = 2 MiB
+    assert "custom_vjp" in str(jax.make_jaxpr(lambda *a: dot_product_attention(*a, impl="auto"))(*big))
+    assert "custom_vjp" not in str(jax.make_jaxpr(lambda *a: dot_product_attention(*a, impl="auto"))(q, k, v))
+    assert "custom_vjp" not in str(jax.make_jaxpr(lambda *a: dot_product_attention(*a, bias_fn=hook))(*big))
     with pytest.raises(ValueError, match="'fast'"):
         dot_product_attention(q, k, v, impl="fast")

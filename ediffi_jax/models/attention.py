@@ -38,10 +38,13 @@ _default_kernel_init = nnx.initializers.lecun_normal()
 # ``model.attention``: how softmax(QKᵀ/√D)V is computed (same result to float rounding).
 #   "dense": the logits [B, H, Lq, Lk] materialised in float32 (XLA fuses what it can);
 #   "flash": blocks of queries with a recomputing backward (models/flash_attention.py), O(block) memory;
-#   "auto":  "flash" where the float32 logits would exceed FLASH_MIN_BYTES, else "dense".
+#   "auto":  "flash" where the float32 logits would exceed FLASH_MIN_BYTES (per backend), else "dense".
 # A layer with a bias hook (paint-with-words) is always dense: the hook sees the layer's whole logit tensor.
+# CPU: flash was faster than dense at every size measured (bench/peers.py small/edm64, docs/benchmarks.md), so only
+# trivial layers stay dense; accelerators (not yet measured with it): flash where dense memory would hurt.
 ATTENTION_IMPLS = ("auto", "dense", "flash")
-FLASH_MIN_BYTES = 16 << 20
+FLASH_MIN_BYTES = {"cpu": 1 << 20}
+FLASH_MIN_BYTES_DEFAULT = 16 << 20
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -164,7 +167,8 @@ def dot_product_attention(
         raise ValueError(f"attention implementation {impl!r}: one of {', '.join(ATTENTION_IMPLS)}")
     b, lq, h, _ = q.shape
     logit_bytes = 4 * b * h * lq * k.shape[1]
-    if bias is None and bias_fn is None and (impl == "flash" or (impl == "auto" and logit_bytes > FLASH_MIN_BYTES)):
+    threshold = FLASH_MIN_BYTES.get(jax.default_backend(), FLASH_MIN_BYTES_DEFAULT)
+    if bias is None and bias_fn is None and (impl == "flash" or (impl == "auto" and logit_bytes > threshold)):
         return flash_attention(q, k, v, key_mask)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     if bias is not None:
@@ -175,7 +179,9 @@ def dot_product_attention(
     if key_mask is not None:
         logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+    # heads-major V and output, transposed explicitly: the fused "bhqk,bkhd->bqhd" ran ~3.5× slower on XLA:CPU
+    out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v.transpose(0, 2, 1, 3))
+    return out.transpose(0, 2, 1, 3)
 
 
 def _check_impl(impl: str) -> str:
