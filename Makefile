@@ -23,7 +23,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check ediffi_jax configs tests bench notebooks
 
 test: $(STAMP) lint
-	$(VENV)/bin/pytest tests
+	$(VENV)/bin/pytest tests --durations=15
 
 notebook: $(STAMP)  # rebuild notebooks/quickstart.ipynb from notebooks/build_quickstart.py
 	$(PY) notebooks/build_quickstart.py

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 # Logits per block (float32 bytes); chosen on a 2-core Xeon with 2 MiB L2 per core (docs/benchmarks.md).
-DEFAULT_BLOCK_BYTES = 4 << 20
+DEFAULT_BLOCK_BYTES = 16 << 20
 _NEG = float(jnp.finfo(jnp.float32).min)
 
 
