@@ -79,6 +79,15 @@ def test_flash_bfloat16_follows_the_dense_policy():
     assert flash.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(flash, np.float32), np.asarray(dense, np.float32), atol=2e-2)
     np.testing.assert_allclose(np.asarray(flash, np.float32), exact, atol=2e-2)
+    # 8-dim heads: τ = 1/√8 is not a power of two, so bf16 Q is not pre-scaled (τ applied to the float32 logits
+    # and to dQ / dK instead); gradients follow the dense bf16 path
+    q, k, v = _qkv(2, 64, 32, 2, 8, seed=10, dtype=jnp.bfloat16)
+    g = jnp.asarray(np.random.default_rng(11).normal(size=(2, 64, 2, 8)), jnp.float32)
+    ref = _value_and_grads(lambda q, k, v: dot_product_attention(q, k, v, impl="dense"), q, k, v, g)
+    got = _value_and_grads(lambda q, k, v: flash_attention(q, k, v, block_bytes=1 << 12), q, k, v, g)
+    for a, r in zip(got[1], ref[1]):
+        assert a.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(r, np.float32), atol=3e-2, rtol=3e-2)
 
 
 def test_flash_keeps_a_fraction_of_the_dense_memory():
