@@ -7,8 +7,7 @@ noise levels, the mid-quantiles (k + ½)/8 of the run's training σ distribution
 noise from a fixed key per (batch, σ), every embedding kept (no conditioning dropout) and no network dropout. So
 `val_loss` (the mean λ(σ)-weighted loss over examples and σ, the training loss's weighting) is a deterministic
 function of the EMA parameters: comparable across steps and resumes (across meshes up to the float rounding of
-the sums). An SR stage is scored at
-σ_aug = `sr.sample_sigma_aug` with fixed augmentation noise.
+the sums). An SR stage is scored at σ_aug = `sr.sample_sigma_aug` with fixed augmentation noise.
 """
 
 from __future__ import annotations
