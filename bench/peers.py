@@ -200,11 +200,12 @@ CHILDREN = {"peak": child_peak, "ours": child_ours, "ours_dense": child_ours_den
             "flax": child_flax, "flax_mem": child_flax_mem}
 
 
-def child_main(args) -> None:
+def child_main(args, children: dict | None = None) -> None:
+    """Runs child `args.child` of `children` (default: this script's CHILDREN); prints its RESULT line."""
     w = pm.WORKLOADS[args.workload]
     w = pm.dataclasses.replace(w, steps=args.steps)
     try:
-        res = CHILDREN[args.child](w, args)
+        res = (children or CHILDREN)[args.child](w, args)
     except Exception as e:  # reported in the table, the run goes on
         import traceback
 

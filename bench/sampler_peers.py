@@ -91,18 +91,6 @@ CHILDREN = {"peak": peers.child_peak, "ours_sample": child_ours_sample, "ours_fw
             "torch_fwd": child_torch_fwd}
 
 
-def child_main(args) -> None:
-    w = pm.WORKLOADS[args.workload]
-    try:
-        res = CHILDREN[args.child](w, args)
-    except Exception as e:  # reported in the table, the run goes on
-        import traceback
-
-        traceback.print_exc()
-        res = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
-    print("RESULT " + json.dumps(res), flush=True)
-
-
 def report(w, args, results: dict, peaks: list[float]) -> dict:
     peak = statistics.mean(peaks)
     print(f"\n== sampler, workload {w.name}: {w.note}; {w.batch} images per call, guidance → forward batch "
@@ -157,7 +145,7 @@ def main() -> None:
         ap.error(f"--sample_steps={args.sample_steps} and --calls={args.calls} must be >= 1")
     w = pm.WORKLOADS[args.workload]
     if args.child:
-        return child_main(args)
+        return peers.child_main(args, CHILDREN)
     if args.mem_budget_gb is None:
         args.mem_budget_gb = max(peers._mem_available() / peers.GB - 2.0, 1.0)
     kinds = [k for k in args.only.split(",") if k]

@@ -251,13 +251,10 @@ def check_matches(manifest: Mapping[str, Any], config: ml_collections.ConfigDict
             raise ValueError(f"{d[0]}={d[2]!r} but {what} was embedded with {d[0]}={d[1]!r}")
 
 
-def load_embedded(path: str, config: ml_collections.ConfigDict) -> tuple[Any, Any]:
-    """(train source, validation source or None) of an `ediffi-embed` output, after checking it fits `config`.
-
-    Records: {"image": uint8 [R, R, 3], "caption": bytes, <name>_tokens / _mask / _pooled: arrays}.
-    """
+def _open_output(path: str, field: str) -> tuple[str, str, dict]:
+    """(directory, "field='path'" for messages, manifest) of a complete `ediffi-embed` output; one-line errors."""
     root = os.path.expanduser(path)
-    what = f"data.precomputed={path!r}"
+    what = f"{field}={path!r}"
     if not os.path.isdir(root):
         raise ValueError(f"{what} is not a directory")
     manifest = read_manifest(root, what)
@@ -265,6 +262,15 @@ def load_embedded(path: str, config: ml_collections.ConfigDict) -> tuple[Any, An
         raise ValueError(f"{what} has no {MANIFEST}: not an ediffi-embed output")
     if not manifest.get("complete"):
         raise ValueError(f"{what} is an incomplete ediffi-embed output (interrupted?); run ediffi-embed on it again")
+    return root, what, manifest
+
+
+def load_embedded(path: str, config: ml_collections.ConfigDict) -> tuple[Any, Any]:
+    """(train source, validation source or None) of an `ediffi-embed` output, after checking it fits `config`.
+
+    Records: {"image": uint8 [R, R, 3], "caption": bytes, <name>_tokens / _mask / _pooled: arrays}.
+    """
+    root, what, manifest = _open_output(path, "data.precomputed")
     check_matches(manifest, config, what)
     builder = tfds.builder_from_directory(os.path.join(root, manifest["tfds_dir"]))
     train = builder.as_data_source("train")
@@ -277,17 +283,9 @@ def load_keyed(path: str, config: ml_collections.ConfigDict) -> tuple[Any, Any]:
     ``data.split`` and ``data.val_split``), after checking that it was made from this data with these encoders."""
     from ediffi_jax.data.keyed_embeddings import KeyedEmbeddings
 
-    root = os.path.expanduser(path)
-    what = f"data.embeddings={path!r}"
-    if not os.path.isdir(root):
-        raise ValueError(f"{what} is not a directory")
-    manifest = read_manifest(root, what)
-    if manifest is None:
-        raise ValueError(f"{what} has no {MANIFEST}: not an ediffi-embed output")
+    root, what, manifest = _open_output(path, "data.embeddings")
     if manifest.get("layout") != KEYED_LAYOUT:
         raise ValueError(f"{what} is an ediffi-embed output of shapes-like data: train on it with data.precomputed")
-    if not manifest.get("complete"):
-        raise ValueError(f"{what} is an incomplete ediffi-embed output (interrupted?); run ediffi-embed on it again")
     check_matches(manifest, config, what)
     there = manifest["source"]["data"]
     for k in KEYED_DATA_FIELDS:
