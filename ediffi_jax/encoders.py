@@ -32,6 +32,7 @@ from flax import nnx
 from ediffi_jax.models import clip as clip_lib
 from ediffi_jax.models import t5 as t5_lib
 from ediffi_jax.tokenizers import TextTokenizer, load_tokenizer, train_clip_bpe, train_sentencepiece
+from ediffi_jax.tracing import abstract_module
 
 EMBEDDINGS = ("clip_text", "t5", "clip_image")
 # CLIP's pixel normalisation (OpenAI preprocessing).
@@ -173,7 +174,7 @@ def _local_checkpointer() -> ocp.StandardCheckpointer:
 def _restore_or_save(path: str, make: Any, what: str) -> tuple[nnx.GraphDef, nnx.State]:
     """Random-init encoder parameters, saved at `path` the first time and restored from it afterwards (onto this
     process's first device; the train loop shards them)."""
-    graphdef, abstract = nnx.split(nnx.eval_shape(make))
+    graphdef, abstract = nnx.split(abstract_module(make))
     path = os.path.abspath(path)
     if os.path.isdir(path):
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

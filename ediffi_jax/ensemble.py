@@ -27,6 +27,7 @@ from flax import nnx
 from ediffi_jax.encoders import FrozenEncoders, save_encoders, setup_encoders
 from ediffi_jax.experts import ExpertTree, tree_from_config
 from ediffi_jax.text_to_image import ENCODERS, TextToImage
+from ediffi_jax.tracing import abstract_module
 from ediffi_jax.train.checkpoint import abstract_like, check_compatible, config_to_dict
 from ediffi_jax.train.step import build_model, split_model
 
@@ -111,7 +112,7 @@ def load_ensemble(path: str) -> TextToImage:
         raise ValueError(f"{manifest}: leaves {[leaf['path'] for leaf in info['leaves']]} do not match the tree's "
                          f"{list(tree.leaf_paths)}")
     encoders = setup_encoders(config, os.path.join(path, ENCODERS))
-    graphdef, abstract = split_model(nnx.eval_shape(lambda: build_model(config, config.seed)))
+    graphdef, abstract = split_model(abstract_module(lambda: build_model(config, config.seed)))
     with ocp.StandardCheckpointer() as ckptr:
         experts = tuple(ckptr.restore(os.path.abspath(os.path.join(path, LEAVES, str(i))), abstract_like(abstract))
                         for i in range(len(tree.leaf_paths)))

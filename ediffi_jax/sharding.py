@@ -22,6 +22,8 @@ from flax import nnx
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ediffi_jax.tracing import abstract_module
+
 MESH_AXES = ("data", "fsdp", "tensor")
 MeshAxes = str | tuple[str, ...] | None
 Rules = Sequence[tuple[str, MeshAxes]]
@@ -186,8 +188,8 @@ def _abstract_model(model: str, config: str | None) -> nnx.Module:
         from ediffi_jax.models.conditioning import ConditionedUNet
 
         cfg = load_config_file(config)
-        return nnx.eval_shape(lambda: ConditionedUNet(cfg, rngs=nnx.Rngs(0)))
-    return nnx.eval_shape(builders[model])
+        return abstract_module(lambda: ConditionedUNet(cfg, rngs=nnx.Rngs(0)))
+    return abstract_module(builders[model])
 
 
 def _parse_mesh(text: str) -> dict[str, int]:

@@ -30,6 +30,7 @@ from ediffi_jax.experts import ExpertTree
 from ediffi_jax.models.conditioning import Embedding
 from ediffi_jax.paint_with_words import Region, build_maps, cross_attention_sizes, make_attn_bias_fn, weight_fn
 from ediffi_jax.sampling import HeunConfig, chained_guidance, heun_sample
+from ediffi_jax.tracing import abstract_module
 from ediffi_jax.train.checkpoint import Checkpointer, abstract_like, config_to_dict
 from ediffi_jax.train.step import build_model, init_train_state, make_optimizer, split_model
 
@@ -195,7 +196,7 @@ class TextToImage:
             stored = json.load(f)
         config = run_config(stored)
         encoders = setup_encoders(config, os.path.join(workdir, ENCODERS))
-        graphdef, params = split_model(nnx.eval_shape(lambda: build_model(config, config.seed)))
+        graphdef, params = split_model(abstract_module(lambda: build_model(config, config.seed)))
         exported = os.path.join(os.path.abspath(workdir), EXPORT_PARAMS)
         if os.path.isdir(exported):
             with ocp.StandardCheckpointer() as ckptr:

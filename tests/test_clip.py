@@ -18,6 +18,7 @@ from ediffi_jax.models.clip import (
     from_pretrained_text,
     from_pretrained_vision,
 )
+from ediffi_jax.tracing import abstract_module
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -188,7 +189,7 @@ def test_wrong_model_type(text_ckpt, tmp_path):
 
 
 def _abstract_count(cls, config):
-    abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
+    abstract = abstract_module(lambda: cls(config, rngs=nnx.Rngs(0)))
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
 
 

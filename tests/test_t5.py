@@ -18,6 +18,7 @@ from ediffi_jax.models.t5 import (
     relative_position_bucket,
 )
 from ediffi_jax.tokenizers import TextTokenizer, load_tokenizer, train_sentencepiece
+from ediffi_jax.tracing import abstract_module
 
 CAPTIONS = [
     "a red circle on the left and a blue square at the bottom",
@@ -159,7 +160,7 @@ def test_load_hf_state_dict_reports_problems(hf_pair):
 def test_xxl_abstract_param_count_and_annotations():
     t0 = time.perf_counter()
     config = T5Config.xxl()
-    abstract = nnx.eval_shape(lambda: T5Encoder(config, rngs=nnx.Rngs(0)))
+    abstract = abstract_module(lambda: T5Encoder(config, rngs=nnx.Rngs(0)))
     flat = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
     total = 0
     for path, var in flat:

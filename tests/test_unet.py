@@ -14,6 +14,7 @@ from flax import nnx
 import ediffi_jax  # noqa: F401  (sets the flax sharding flag)
 from ediffi_jax.models.attention import CrossAttention, SelfAttention, dot_product_attention
 from ediffi_jax.models.unet import UNet, param_count, unet_config
+from ediffi_jax.tracing import abstract_module
 
 B, RES, L, CTX, POOL = 2, 16, 5, 24, 12
 TINY = dict(
@@ -124,7 +125,7 @@ def test_dropout(tiny):
 
 def test_bfloat16_close_to_float32(tiny):
     cfg_bf16 = unet_config(**{**TINY, "dtype": "bfloat16"})
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: UNet(cfg_bf16, rngs=nnx.Rngs(0))))
+    graphdef = nnx.graphdef(abstract_module(lambda: UNet(cfg_bf16, rngs=nnx.Rngs(0))))
     model = nnx.merge(graphdef, tiny["pert"])
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
     inp = tiny["inputs"]
@@ -164,7 +165,7 @@ def test_sr_variant_cross_only_plain_updown_and_crops():
         extra_cond_dim=1,
         in_cond_channels=3,
     )
-    model = nnx.eval_shape(lambda: UNet(cfg, rngs=nnx.Rngs(0)))
+    model = abstract_module(lambda: UNet(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
     state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), state)
     state = _perturb(state, seed=3)
@@ -218,7 +219,7 @@ def test_paper_config_abstract_and_annotated():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     config = load_config_file(os.path.join(root, "configs", "base64.py"))
     assert config.model == unet_config(image_size=64)  # the paper defaults
-    model = nnx.eval_shape(lambda: ConditionedUNet(config, rngs=nnx.Rngs(0)))
+    model = abstract_module(lambda: ConditionedUNet(config, rngs=nnx.Rngs(0)))
     n_unet, n_cond = param_count(model.unet), param_count(model.conditioner)
     print(f"\neDiff-I base64 (configs/base64.py: 256 ch, [1,2,4,4], 3 res blocks, attention at 32/16/8): "
           f"U-Net {n_unet:,} + conditioning projections {n_cond:,} = {n_unet + n_cond:,} parameters")

@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from ediffi_jax.models.hf_checkpoint import match_strict
+from ediffi_jax.tracing import abstract_module
 
 __all__ = [
     "FID_WEIGHTS_URL", "FID_WEIGHTS_FILE", "FEATURE_DIM", "BasicConv2d", "InceptionV3", "resize_bilinear",
@@ -293,7 +294,7 @@ def _match(model: InceptionV3, state: Mapping[str, Any], source: str) -> list[tu
 def abstract_model(**kwargs: Any) -> InceptionV3:
     """The model with shapes only (``nnx.eval_shape``, no random init, which costs tens of seconds eagerly):
     `load_state_dict` then fills every variable. ``kwargs`` are `InceptionV3`'s."""
-    return nnx.eval_shape(lambda: InceptionV3(**kwargs, rngs=nnx.Rngs(0)))
+    return abstract_module(lambda: InceptionV3(**kwargs, rngs=nnx.Rngs(0)))
 
 
 def load_state_dict(model: InceptionV3, state: Mapping[str, Any], source: str = "state dict") -> InceptionV3:

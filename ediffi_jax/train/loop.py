@@ -44,7 +44,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
@@ -55,6 +54,7 @@ from ediffi_jax.data.embedded import load_keyed
 from ediffi_jax.encoders import FrozenEncoders, embeddings_from_batch, setup_encoders
 from ediffi_jax.sampling import HeunConfig
 from ediffi_jax.text_to_image import make_sampler, save_grid, to_uint8
+from ediffi_jax.tracing import abstract_module, fast_tracing
 from ediffi_jax.train import sharding
 from ediffi_jax.train.checkpoint import Checkpointer, check_compatible, config_to_dict
 from ediffi_jax.train.expert_init import check_parent, copy_parent_encoders, expert_sigma_dist, params_from_parent
@@ -330,7 +330,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     bad_seen: dict[str, int] = {}
 
     # ---------------------------------------------------------------- model, optimizer and their shardings
-    graphdef, abstract_params = split_model(nnx.eval_shape(lambda: build_model(config, config.seed)))
+    graphdef, abstract_params = split_model(abstract_module(lambda: build_model(config, config.seed)))
     tx = make_optimizer(config.optim)
     abstract_state = jax.eval_shape(lambda p: init_train_state(p, tx), abstract_params)
     state_shardings = sharding.tree_shardings(abstract_state, mesh)
@@ -348,8 +348,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         params = params_from_parent(config, parent, abstract_params, mesh)
         state = jax.jit(lambda p: init_train_state(p, tx), out_shardings=state_shardings)(params)
     else:  # built under jit straight into its shardings: never whole on one device
-        state = jax.jit(lambda: init_train_state(split_model(build_model(config, config.seed))[1], tx),
-                        out_shardings=state_shardings)()
+        with fast_tracing():  # tracing the construction: see ediffi_jax/tracing.py
+            state = jax.jit(lambda: init_train_state(split_model(build_model(config, config.seed))[1], tx),
+                            out_shardings=state_shardings)()
     if data_state:
         train_iter.set_state(data_state)
     if start >= config.train.num_steps:

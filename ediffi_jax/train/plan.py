@@ -72,6 +72,7 @@ def abstract_encoders(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
     from ediffi_jax.encoders import t5_config
     from ediffi_jax.models import clip, t5
+    from ediffi_jax.tracing import abstract_module
 
     names = tuple(config.conditioning.order)
     out: dict[str, Any] = {}
@@ -79,31 +80,31 @@ def abstract_encoders(config: ml_collections.ConfigDict) -> dict[str, Any]:
         return out
     if "t5" in names:
         cfg = t5_config(config.encoders.t5, t5.T5Config.xxl().vocab_size)
-        out["t5"] = nnx.state(nnx.eval_shape(lambda: t5.T5Encoder(cfg, rngs=nnx.Rngs(0))))
+        out["t5"] = nnx.state(abstract_module(lambda: t5.T5Encoder(cfg, rngs=nnx.Rngs(0))))
     c = config.encoders.clip
     if "clip_text" in names:
         text = clip.CLIPTextConfig(**dict(c.text), vocab_size=clip.CLIPTextConfig.large().vocab_size,
                                    max_position_embeddings=c.max_length, dtype=c.dtype)
-        out["clip_text"] = nnx.state(nnx.eval_shape(lambda: clip.CLIPTextEncoder(text, rngs=nnx.Rngs(0))))
+        out["clip_text"] = nnx.state(abstract_module(lambda: clip.CLIPTextEncoder(text, rngs=nnx.Rngs(0))))
     if "clip_image" in names:
         vision = clip.CLIPVisionConfig(**dict(c.vision), dtype=c.dtype)
-        out["clip_image"] = nnx.state(nnx.eval_shape(lambda: clip.CLIPVisionEncoder(vision, rngs=nnx.Rngs(0))))
+        out["clip_image"] = nnx.state(abstract_module(lambda: clip.CLIPVisionEncoder(vision, rngs=nnx.Rngs(0))))
     return out
 
 
 def plan(config: ml_collections.ConfigDict, sizes: Mapping[str, int]) -> dict[str, Any]:
     """Bytes per device of every part of a run on a mesh of `sizes`: {"parts": {part: bytes_per_device dict},
     "total": ..., "params": count, "batch_per_device": n}."""
-    from flax import nnx
 
     from ediffi_jax.sharding import bytes_per_device
+    from ediffi_jax.tracing import abstract_module
     from ediffi_jax.train.step import build_model, init_train_state, make_optimizer, split_model
 
     n_shards = sizes["data"] * sizes["fsdp"]
     if config.train.batch_size % n_shards:
         raise ValueError(f"train.batch_size={config.train.batch_size} is not divisible by the data x fsdp mesh "
                          f"size {n_shards}")
-    _, params = split_model(nnx.eval_shape(lambda: build_model(config, config.seed)))
+    _, params = split_model(abstract_module(lambda: build_model(config, config.seed)))
     tx = make_optimizer(config.optim)
     state = jax.eval_shape(lambda p: init_train_state(p, tx), params)
     parts = {"params": state.params, "ema": state.ema, "optimizer": (state.opt_state, state.step)}
