@@ -2,11 +2,11 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
+from multidevice import Background
 
 from ediffi_jax import paint_with_words as pww
 from ediffi_jax.cascade import Cascade, Stage, side_by_side
@@ -101,16 +101,19 @@ def test_cascade_cli(base_dir, sr_export, tmp_path):
     out, stages = tmp_path / "out.png", tmp_path / "stages.png"
     cmd = [sys.executable, "-m", "ediffi_jax.cli.sample", f"--cascade={spec}", "--prompt", PROMPT, "--num=2",
            f"--out={out}", f"--stages-out={stages}"]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"stages": [{"workdir": base_dir}, {"workdir": "/nonexistent/sr"}]}))
+    # the good and the bad command line side by side
+    good_run = Background(cmd, env=env, cwd=ROOT)
+    bad_run = Background([sys.executable, "-m", "ediffi_jax.cli.sample", f"--cascade={bad}", "--prompt", PROMPT],
+                         env=env, cwd=ROOT)
+    res = good_run.result(timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "2 stages: 16x16 -> 32x32" in res.stdout
     from PIL import Image
 
     assert Image.open(out).size == (64, 32) and Image.open(stages).size == (128, 32)
-    bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"stages": [{"workdir": base_dir}, {"workdir": "/nonexistent/sr"}]}))
-    res = subprocess.run([sys.executable, "-m", "ediffi_jax.cli.sample", f"--cascade={bad}", "--prompt", PROMPT],
-                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-    assert res.returncode == 2
+    res = bad_run.result(timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
     assert res.stderr.strip().splitlines()[-1].endswith("stage 2: workdir '/nonexistent/sr' does not exist")
 

@@ -5,7 +5,6 @@ with zero masks, the user formats (colour map + phrase specs) and their one-line
 import logging
 import math
 import os
-import subprocess
 import sys
 
 import jax
@@ -13,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from multidevice import Background
 from PIL import Image
 
 from ediffi_jax import paint_with_words as pww
@@ -281,23 +281,26 @@ def test_style_and_paint_in_process_and_through_the_cli(pipe, trained_run, tmp_p
     sq = pww.center_crop_square(ref)  # rows 8..31: the green half is rows 0..11 of the crop
     assert sq.shape == (24, 24, 3) and (sq[:12] == (0, 200, 0)).all() and (sq[12:] == 0).all()
     Image.fromarray(ref).save(tmp_path / "ref.png")
+    # The command lines (the real one and two bad inputs) run while this process samples the same inputs.
+    out = tmp_path / "out.png"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "ediffi_jax.cli.sample", f"--workdir={trained_run[1]}", "--num=1",
+           "--prompt", CLI_PROMPT, "--paint", path] + [f"--phrase={p}" for p in CLI_PHRASES] + [
+           "--style", str(tmp_path / "ref.png"), "--style-scale", "2.0", "--steps=2", f"--out={out}"]
+    bad_inputs = [(["--phrase", "#00ff00=green star"], "colour '#00ff00' (#00ff00) does not occur in the colour map"),
+                  (["--style", "/nonexistent/ref.png"], "cannot read image file '/nonexistent/ref.png'")]
+    runs = [Background(cmd, env=env, cwd=ROOT)] + [Background(cmd + extra, env=env, cwd=ROOT)
+                                                    for extra, _ in bad_inputs]
     regions = pww.regions_from_specs(path, CLI_PHRASES)
     heun = dataclasses.replace(HeunConfig.from_config(pipe.config.sample), num_steps=2)
     styled = pipe.generate([CLI_PROMPT], heun=heun, regions=regions, images=sq[None], image_guidance_scale=2.0)
     plain = pipe.generate([CLI_PROMPT], heun=heun, regions=regions)
     assert np.abs(styled.astype(int) - plain).mean() > 0.5
 
-    out = tmp_path / "out.png"
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    cmd = [sys.executable, "-m", "ediffi_jax.cli.sample", f"--workdir={trained_run[1]}", "--num=1",
-           "--prompt", CLI_PROMPT, "--paint", path] + [f"--phrase={p}" for p in CLI_PHRASES] + [
-           "--style", str(tmp_path / "ref.png"), "--style-scale", "2.0", "--steps=2", f"--out={out}"]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    res = runs[0].result(timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     np.testing.assert_array_equal(np.asarray(Image.open(out)), styled[0])
-    for extra, msg in [(["--phrase", "#00ff00=green star"], "colour '#00ff00' (#00ff00) does not occur in the "
-                        "colour map"),
-                       (["--style", "/nonexistent/ref.png"], "cannot read image file '/nonexistent/ref.png'")]:
-        bad = subprocess.run(cmd + extra, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-        assert bad.returncode == 2
+    for run, (_, msg) in zip(runs[1:], bad_inputs):
+        bad = run.result(timeout=300)
+        assert bad.returncode == 2, bad.stderr[-2000:]
         assert msg in bad.stderr.strip().splitlines()[-1]
