@@ -88,7 +88,7 @@ def child_peak(_w, args) -> dict:
     return {"gflops": best / 1e9, "n": n}
 
 
-def _jax_child(w, args, setup) -> dict:
+def _jax_child(w, args, setup, trim: bool = False) -> dict:
     import flops
     import jax
 
@@ -102,11 +102,16 @@ def _jax_child(w, args, setup) -> dict:
     xla_step = flops.xla_flops(lowered)
     compiled = lowered.compile()
     t_compile = time.perf_counter() - t0
+    trimmed = 0
+    if trim:  # ours: what ediffi-train does once its step is compiled (ediffi_jax/host_memory.py)
+        from ediffi_jax.host_memory import release_free_heap
+
+        trimmed = release_free_heap()
     mem = compiled.memory_analysis()
     temp = float(getattr(mem, "temp_size_in_bytes", 0) or 0)
     out = {"params": n_params, "fwd_ops": flops.breakdown(ops), "fwd_flops": flops.total(ops),
            "xla_fwd_flops": xla_fwd, "xla_step_flops": xla_step, "init_s": t_init, "compile_s": t_compile,
-           "temp_bytes": temp, "torch_imported": "torch" in sys.modules}
+           "temp_bytes": temp, "torch_imported": "torch" in sys.modules, "trimmed_bytes": trimmed}
     budget = args.mem_budget_gb * GB
     if temp > budget:
         out["skipped"] = (f"XLA temporaries {temp / GB:.1f} GB exceed the memory budget {budget / GB:.1f} GB: "
@@ -160,11 +165,11 @@ def _profile(run_one, steps: int, logdir: str) -> dict:
 
 
 def child_ours(w, args) -> dict:
-    return _jax_child(w, args, lambda: pm.ours_setup(w))
+    return _jax_child(w, args, lambda: pm.ours_setup(w), trim=True)
 
 
 def child_ours_dense(w, args) -> dict:
-    return _jax_child(w, args, lambda: pm.ours_setup(w, attention="dense"))
+    return _jax_child(w, args, lambda: pm.ours_setup(w, attention="dense"), trim=True)
 
 
 def child_flax(w, args) -> dict:
