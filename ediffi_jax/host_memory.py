@@ -4,7 +4,7 @@ Compiling a large program allocates and frees hundreds of MB on the host; glibc 
 for reuse, so the process's resident set stays as high as the compiler's peak, and the first step's temporaries are
 then allocated on top of it. ``malloc_trim(0)`` returns the free pages of every arena to the kernel. Measured on the
 edm64 train step (2-core CPU, jaxlib 0.10.2; docs/benchmarks.md): RSS after compiling 2.67 → 1.87 GB, the run's peak
-RSS 4.58 → 3.82 GB, step time unchanged. On accelerators the host side of a compile is smaller but the same holds.
+RSS 4.58 → 3.82 GB, step time unchanged (not measured on an accelerator host).
 
 `release_free_heap()` is called by the train loop once its step is compiled; it is a no-op (returns 0) where the C
 library has no ``malloc_trim`` (macOS, musl).

@@ -380,8 +380,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         donate_argnums=(0,),
     ).lower(sharding.with_shardings(abstract_state, state_shardings), sharding.abstract_batch(first, mesh),
             enc_params, key, interval).compile()
-    log.info("train step compiled in %.1f s; %.2f GB of freed host memory returned", time.perf_counter() - t0,
-             release_free_heap() / 1e9)  # the compiler's freed heap, before the step's temporaries (host_memory.py)
+    compile_s = time.perf_counter() - t0
+    freed = release_free_heap()  # the compiler's freed heap, given back before the step's temporaries (host_memory.py)
+    log.info("train step compiled in %.1f s; %.2f GB of freed host memory returned", compile_s, freed / 1e9)
     sharding.log_memory(step_fn)
     # Real data: the validation loss on a fixed held-out set of data.val_split (shapes: sampled shape-scores).
     validation = ValidationLoss(

@@ -95,7 +95,6 @@ def abstract_encoders(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def plan(config: ml_collections.ConfigDict, sizes: Mapping[str, int]) -> dict[str, Any]:
     """Bytes per device of every part of a run on a mesh of `sizes`: {"parts": {part: bytes_per_device dict},
     "total": ..., "params": count, "batch_per_device": n}."""
-
     from ediffi_jax.sharding import bytes_per_device
     from ediffi_jax.tracing import abstract_module
     from ediffi_jax.train.step import build_model, init_train_state, make_optimizer, split_model
