@@ -60,6 +60,10 @@ def breakdown(ops: Iterable[Op]) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------------------
 # JAX: walk a jaxpr
 # ----------------------------------------------------------------------------------------------------------
+# jax.nn.dot_product_attention(implementation="cudnn")'s forward, as it appears in a jaxpr traced on a GPU.
+CUDNN_ATTENTION_PRIMITIVES = ("dot_product_attention_fwd", "dot_product_attention_fwd_wrapper")
+
+
 def jaxpr_ops(jaxpr: Any) -> list[Op]:
     """Ops of a (closed) jaxpr, sub-jaxprs included; `scan` bodies × length, `cond` the costliest branch.
     A `while` loop (unknown trip count) raises."""
@@ -88,6 +92,9 @@ def jaxpr_ops(jaxpr: Any) -> list[Op]:
                 spatial = [rhs[d] for d in dn.rhs_spec[2:]]
                 out = math.prod(eqn.outvars[0].aval.shape)
                 ops.append(Op("conv", 2.0 * out * cin * math.prod(spatial)))
+            elif name in CUDNN_ATTENTION_PRIMITIVES:  # cuDNN fused attention: q [B, T, N, H], k [B, S, N, H]
+                b, t, n, h = eqn.invars[0].aval.shape
+                ops += attention_ops(b * n, t, eqn.invars[1].aval.shape[1], h)
             elif name == "while":
                 raise ValueError("while loop in the jaxpr: trip count unknown, FLOPs not countable")
             elif name == "scan":

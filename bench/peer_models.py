@@ -13,6 +13,11 @@ B × L × D), the weighted loss λ(σ)·‖D − y‖² averaged, backward, glob
   * diffusers Flax `FlaxUNet2DConditionModel` (0.39.0, NCHW in/out as its API takes): one `jax.jit` of loss,
     grad, `optax.chain(clip_by_global_norm(1), adamw)` and EMA, state donated; with and without
     `use_memory_efficient_attention`.
+
+Mixed precision (`Workload.dtype = "bfloat16"`), float32 parameters, optimizer and loss in every framework: ours
+`model.dtype = "bfloat16"` (GroupNorm statistics and softmax stay float32); Flax `dtype=jnp.bfloat16` (its
+computation dtype); PyTorch `torch.autocast(dtype=torch.bfloat16)` around the forward. On a CUDA device the PyTorch
+peer runs there (its attention is `scaled_dot_product_attention`, i.e. PyTorch's fused flash kernels).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class Workload:
     batch: int
     steps: int = 5
     note: str = ""
+    dtype: str = "float32"  # compute dtype (parameters stay float32): "bfloat16" = each framework's mixed precision
 
     def level_res(self) -> list[int]:
         return [self.image_size // 2**i for i in range(len(self.block_channels))]
@@ -125,6 +131,7 @@ def ours_config(w: Workload, attention: str = "auto"):
                         ema_decay=EMA))
     c.edm.update(dict(sigma_data=SIGMA_DATA, p_mean=P_MEAN, p_std=P_STD))
     c.train.batch_size = w.batch
+    c.model.dtype = w.dtype
     return c
 
 
@@ -177,7 +184,7 @@ def flax_setup(w: Workload, mem_efficient: bool):
         sample_size=w.image_size, in_channels=3, out_channels=3, down_block_types=down, up_block_types=up,
         block_out_channels=w.block_channels, layers_per_block=w.layers_per_block, cross_attention_dim=w.context_dim,
         attention_head_dim=heads(w),  # diffusers' legacy name: the number of heads per level
-        use_memory_efficient_attention=mem_efficient)
+        use_memory_efficient_attention=mem_efficient, dtype=jnp.dtype(w.dtype))
     params = jax.jit(model.init_weights)(jax.random.PRNGKey(0))
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
     tx = optax.chain(optax.clip_by_global_norm(CLIP), optax.adamw(LR, b1=0.9, b2=0.999, eps=1e-8, weight_decay=WD))
@@ -187,7 +194,7 @@ def flax_setup(w: Workload, mem_efficient: bool):
     ctx = jnp.asarray(rng.normal(size=(b, w.context_len, w.context_dim)), jnp.float32)
 
     def forward(p, x, cn, ctx):
-        return model.apply({"params": p}, x, cn, ctx).sample
+        return model.apply({"params": p}, x, cn, ctx).sample.astype(jnp.float32)
 
     def step(state, y, ctx, key):
         p, opt_state, ema, t = state
@@ -217,35 +224,47 @@ def flax_setup(w: Workload, mem_efficient: bool):
 # ----------------------------------------------------------------------------------------------------------
 # diffusers PyTorch peer
 # ----------------------------------------------------------------------------------------------------------
+def torch_device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def torch_setup(w: Workload):
-    """(step fn, model, n_params); the step returns the loss as a Python float (synchronous on CPU)."""
+    """(step fn, model, n_params) on `torch_device()`; the step returns the loss as a Python float (synchronous)."""
+    import contextlib
+
     import torch
     from diffusers import UNet2DConditionModel
 
+    dev = torch_device()
     torch.manual_seed(0)
     down, up = peer_block_types(w)
     model = UNet2DConditionModel(
         sample_size=w.image_size, in_channels=3, out_channels=3, down_block_types=down, up_block_types=up,
         block_out_channels=w.block_channels, layers_per_block=w.layers_per_block, cross_attention_dim=w.context_dim,
-        attention_head_dim=heads(w), norm_num_groups=32)
+        attention_head_dim=heads(w), norm_num_groups=32).to(dev)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=WD)
     ema = [p.detach().clone() for p in params]
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(dev).manual_seed(0)
     b, r = w.batch, w.image_size
-    y = torch.rand((b, 3, r, r), generator=g) * 2 - 1
-    ctx = torch.randn((b, w.context_len, w.context_dim), generator=g)
+    y = torch.rand((b, 3, r, r), generator=g, device=dev) * 2 - 1
+    ctx = torch.randn((b, w.context_len, w.context_dim), generator=g, device=dev)
     counter = {"t": 0}
+    half = w.dtype != "float32"
+    cast = (lambda: torch.autocast(dev.type, dtype=getattr(torch, w.dtype))) if half else contextlib.nullcontext
 
     def step() -> float:
-        sigma = torch.exp(P_MEAN + P_STD * torch.randn(b, generator=g))
+        sigma = torch.exp(P_MEAN + P_STD * torch.randn(b, generator=g, device=dev))
         c_in, c_skip, c_out, c_noise, weight = (v.view(-1, 1, 1, 1) if i != 3 else v
                                                 for i, v in enumerate(edm_sigma_terms(sigma, torch)))
-        x = y + sigma.view(-1, 1, 1, 1) * torch.randn(y.shape, generator=g)
-        f = model(c_in * x, c_noise, encoder_hidden_states=ctx).sample
-        d = c_skip * x + c_out * f
+        x = y + sigma.view(-1, 1, 1, 1) * torch.randn(y.shape, generator=g, device=dev)
+        with cast():
+            f = model(c_in * x, c_noise, encoder_hidden_states=ctx).sample
+        d = c_skip * x + c_out * f.float()
         loss = (weight * (d - y) ** 2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -300,30 +319,40 @@ def pm_double(w: Workload) -> Workload:
 def torch_forward_setup(w: Workload):
     """(forward at batch 2B under inference_mode, model, n_params): the PyTorch peer's cost per guided evaluation,
     with the same EDM preconditioning and guidance combination around it."""
+    import contextlib
+
     import torch
     from diffusers import UNet2DConditionModel
 
+    dev = torch_device()
     torch.manual_seed(0)
     down, up = peer_block_types(w)
     model = UNet2DConditionModel(
         sample_size=w.image_size, in_channels=3, out_channels=3, down_block_types=down, up_block_types=up,
         block_out_channels=w.block_channels, layers_per_block=w.layers_per_block, cross_attention_dim=w.context_dim,
-        attention_head_dim=heads(w), norm_num_groups=32).eval()
+        attention_head_dim=heads(w), norm_num_groups=32).eval().to(dev)
     n_params = sum(p.numel() for p in model.parameters())
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(dev).manual_seed(0)
     b, r = 2 * w.batch, w.image_size
-    x = torch.randn((w.batch, 3, r, r), generator=g) * 10
-    ctx = torch.randn((b, w.context_len, w.context_dim), generator=g)
-    sigma = torch.full((b,), 10.0)
+    x = torch.randn((w.batch, 3, r, r), generator=g, device=dev) * 10
+    ctx = torch.randn((b, w.context_len, w.context_dim), generator=g, device=dev)
+    sigma = torch.full((b,), 10.0, device=dev)
+    half = w.dtype != "float32"
+    cast = (lambda: torch.autocast(dev.type, dtype=getattr(torch, w.dtype))) if half else contextlib.nullcontext
     c_in, c_skip, c_out, c_noise, _ = (v.view(-1, 1, 1, 1) if i != 3 else v
                                        for i, v in enumerate(edm_sigma_terms(sigma, torch)))
 
     def forward():
         with torch.inference_mode():
             xx = torch.cat([x, x])
-            d = c_skip * xx + c_out * model(c_in * xx, c_noise, encoder_hidden_states=ctx).sample
+            with cast():
+                f = model(c_in * xx, c_noise, encoder_hidden_states=ctx).sample
+            d = c_skip * xx + c_out * f.float()
             d_u, d_c = d[: w.batch], d[w.batch:]
-            return d_u + 3.0 * (d_c - d_u)
+            out = d_u + 3.0 * (d_c - d_u)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            return out
 
     return forward, model, n_params
 
@@ -334,4 +363,4 @@ def model_flops_per_step(fwd_flops: float) -> float:
 
 
 __all__ = ["WORKLOADS", "Workload", "differences", "flax_setup", "model_flops_per_step", "ours_sampler_setup",
-           "ours_setup", "pm_double", "torch_forward_setup", "torch_setup"]
+           "ours_setup", "pm_double", "torch_device", "torch_forward_setup", "torch_setup"]

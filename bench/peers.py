@@ -3,6 +3,7 @@
     .venv/bin/python bench/peers.py --workload small      # seconds: a check of the harness
     .venv/bin/python bench/peers.py --workload edm64      # eDiff-I-like 64², batch 8
     .venv/bin/python bench/peers.py --workload attn64     # attention at 64² too, batch 4
+    python3 bench/peers.py --workload edm64 --dtype bfloat16 --batch 64   # on a GPU: mixed precision
 
 Peers need diffusers 0.39.0 (the last release with Flax UNets), never a library dependency: `.venv/bin/pip install
 --no-deps -r bench/requirements-peers.txt` (its huggingface-hub<2 pin conflicts with transformers 5; unused here).
@@ -18,6 +19,10 @@ counter over the layer shapes each framework runs (bench/flops.py; for ours cros
 cost_analysis of the lowered forward); compile (JAX) or first-step (torch) time; median step time over `--steps`
 steps after one warm-up step; images/s; achieved GFLOP/s and its fraction of the matmul peak; peak RSS
 (getrusage of the child); kernel (system) and user CPU seconds per step; XLA's temporary-buffer size.
+
+On a GPU (JAX's default backend, PyTorch's CUDA device) the peak product is a bfloat16 8192³ matmul when --dtype
+is bfloat16, and each child also reports its device's peak memory (JAX: the allocator's peak_bytes_in_use; PyTorch:
+max_memory_allocated).
 
 Memory guard: a JAX child compiles first and skips (with the reason) when XLA's temporaries exceed the memory
 budget (memory available at the start less a margin, or --mem_budget_gb); every child is also killed when its
@@ -70,12 +75,37 @@ def _timed_steps(run_one, steps: int) -> dict:
     return {"step_times": times, "user_s_per_step": (u1 - u0) / steps, "sys_s_per_step": (s1 - s0) / steps}
 
 
-def child_peak(_w, args) -> dict:
+def _on_accelerator() -> bool:
     import jax
 
-    n = 2048
+    return jax.default_backend() != "cpu"
+
+
+def _device_kind() -> str:
+    import jax
+
+    return jax.devices()[0].device_kind
+
+
+def _device_peak_bytes() -> float | None:
+    """Peak device memory of this process (JAX's allocator) or None on a CPU."""
+    import jax
+
+    if not _on_accelerator():
+        return None
+    stats = jax.devices()[0].memory_stats() or {}
+    return float(stats["peak_bytes_in_use"]) if "peak_bytes_in_use" in stats else None
+
+
+def child_peak(w, args) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    acc = _on_accelerator()
+    n = 8192 if acc else 2048
+    dtype = jnp.dtype(w.dtype if acc else "float32")
     k1, k2 = jax.random.split(jax.random.PRNGKey(0))
-    a, b = jax.random.normal(k1, (n, n)), jax.random.normal(k2, (n, n))
+    a, b = (jax.random.normal(k, (n, n)).astype(dtype) for k in (k1, k2))
     f = jax.jit(lambda a, b: a @ b)
     jax.block_until_ready(f(a, b))
     best = 0.0
@@ -85,7 +115,7 @@ def child_peak(_w, args) -> dict:
             out = f(a, b)
         jax.block_until_ready(out)
         best = max(best, 5 * 2 * n**3 / (time.perf_counter() - t))
-    return {"gflops": best / 1e9, "n": n}
+    return {"gflops": best / 1e9, "n": n, "dtype": dtype.name, "device": _device_kind()}
 
 
 def _jax_child(w, args, setup, trim: bool = False) -> dict:
@@ -113,7 +143,7 @@ def _jax_child(w, args, setup, trim: bool = False) -> dict:
            "xla_fwd_flops": xla_fwd, "xla_step_flops": xla_step, "init_s": t_init, "compile_s": t_compile,
            "temp_bytes": temp, "torch_imported": "torch" in sys.modules, "trimmed_bytes": trimmed}
     budget = args.mem_budget_gb * GB
-    if temp > budget:
+    if temp > budget and not _on_accelerator():  # host memory guard (a device reports its own OOM)
         out["skipped"] = (f"XLA temporaries {temp / GB:.1f} GB exceed the memory budget {budget / GB:.1f} GB: "
                           f"not run")
         return out
@@ -131,6 +161,7 @@ def _jax_child(w, args, setup, trim: bool = False) -> dict:
     out["first_step_s"] = time.perf_counter() - t0
     out.update(_timed_steps(one, args.steps))
     out["loss"] = holder["loss"]
+    out["device"], out["device_peak_bytes"] = _device_kind(), _device_peak_bytes()
     if args.profile:
         out["profile"] = _profile(one, 2, args.profile)
     return out
@@ -185,6 +216,7 @@ def child_torch(w, args) -> dict:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
+    dev = pm.torch_device()
     t0 = time.perf_counter()
     step, model, n_params = pm.torch_setup(w)
     t_init = time.perf_counter() - t0
@@ -198,6 +230,9 @@ def child_torch(w, args) -> dict:
            "jax_imported": "jax" in sys.modules}
     out.update(_timed_steps(lambda: holder.__setitem__("loss", step()), args.steps))
     out["loss"] = holder["loss"]
+    cuda = dev.type == "cuda"
+    out["device"] = torch.cuda.get_device_name(dev) if cuda else "cpu"
+    out["device_peak_bytes"] = float(torch.cuda.max_memory_allocated(dev)) if cuda else None
     return out
 
 
@@ -207,8 +242,7 @@ CHILDREN = {"peak": child_peak, "ours": child_ours, "ours_dense": child_ours_den
 
 def child_main(args, children: dict | None = None) -> None:
     """Runs child `args.child` of `children` (default: this script's CHILDREN); prints its RESULT line."""
-    w = pm.WORKLOADS[args.workload]
-    w = pm.dataclasses.replace(w, steps=args.steps)
+    w = _workload(args)
     try:
         res = (children or CHILDREN)[args.child](w, args)
     except Exception as e:  # reported in the table, the run goes on
@@ -241,6 +275,12 @@ def _rss(pid: int) -> float:
     return 0.0
 
 
+def _workload(args) -> pm.Workload:
+    """The named workload with the command line's steps, batch and dtype."""
+    w = pm.WORKLOADS[args.workload]
+    return pm.dataclasses.replace(w, steps=args.steps, batch=args.batch or w.batch, dtype=args.dtype)
+
+
 def run_child(kind: str, args, logdir: Path, script: str = __file__, extra: tuple[str, ...] = ()) -> dict:
     """Runs `script --child kind` (its own process), watching its memory; returns its RESULT line's dict."""
     env = dict(os.environ)
@@ -249,7 +289,9 @@ def run_child(kind: str, args, logdir: Path, script: str = __file__, extra: tupl
     elif kind.startswith("flax"):
         env["USE_TORCH"] = "0"  # ... and torch
     cmd = [sys.executable, script, "--child", kind, "--workload", args.workload, "--steps", str(args.steps),
-           "--mem_budget_gb", f"{args.mem_budget_gb:.3f}", *extra]
+           "--mem_budget_gb", f"{args.mem_budget_gb:.3f}", "--dtype", args.dtype, *extra]
+    if args.batch:
+        cmd += ["--batch", str(args.batch)]
     if args.profile and not kind.startswith("torch"):
         cmd += ["--profile", str(Path(args.profile) / kind)]
     log = open(logdir / f"{kind}.log", "w")
@@ -297,19 +339,21 @@ def _fmt_row(cells, widths) -> str:
     return "  ".join(str(c).rjust(wd) if i else str(c).ljust(wd) for i, (c, wd) in enumerate(zip(cells, widths)))
 
 
-def report(w, results: dict, peaks: list[float], load: tuple) -> dict:
+def report(w, results: dict, peaks: list[float], load: tuple, peak_name: str = "XLA fp32 2048³") -> dict:
     peak = statistics.mean(peaks)
+    devices = sorted({r["device"] for r in results.values() if r.get("device")}) or ["cpu"]
     print(f"\n== workload {w.name}: {w.note}")
     print(f"   {w.image_size}², channels {'/'.join(map(str, w.block_channels))}, {w.layers_per_block} res blocks per "
           f"level, attention at {'/'.join(map(str, w.attn_res))}, {w.head_dim}-dim heads, context "
-          f"{w.context_len}×{w.context_dim}, batch {w.batch}, fp32, {os.cpu_count()} cores")
+          f"{w.context_len}×{w.context_dim}, batch {w.batch}, {w.dtype}, {os.cpu_count()} cores, "
+          f"device {' / '.join(devices)}")
     print(f"   load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; at end "
           + " ".join(f"{v:.2f}" for v in os.getloadavg()))
-    print(f"   matmul peak (XLA fp32 2048³): start {peaks[0]:.0f}, end {peaks[-1]:.0f} GFLOP/s; "
+    print(f"   matmul peak ({peak_name}): start {peaks[0]:.0f}, end {peaks[-1]:.0f} GFLOP/s; "
           f"fractions below use their mean {peak:.0f}")
     head = ["framework", "params", "fwd GFLOP conv/lin/attn", "GFLOP/step", "init s", "compile s", "1st step s",
-            "s/step median (min-max)", "img/s", "GFLOP/s", "% peak", "RSS GB", "XLA temp GB", "sys s/step",
-            "cpu/wall"]
+            "s/step median (min-max)", "img/s", "GFLOP/s", "% peak", "RSS GB", "device GB", "XLA temp GB",
+            "sys s/step", "cpu/wall"]
     rows, summary = [], {}
     for kind, r in results.items():
         name = LABELS[kind]
@@ -329,6 +373,7 @@ def report(w, results: dict, peaks: list[float], load: tuple) -> dict:
              "frac_peak": gf / peak, "rss_gb": r["peak_rss_bytes"] / GB, "sys_s": r["sys_s_per_step"],
              "cpu_util": (r["user_s_per_step"] + r["sys_s_per_step"]) / med,
              "temp_gb": r.get("temp_bytes", float("nan")) / GB, "compile_s": r.get("compile_s"),
+             "device": r.get("device"), "device_gb": (r.get("device_peak_bytes") or float("nan")) / GB,
              "first_step_s": r["first_step_s"], "init_s": r["init_s"], "loss": r.get("loss"),
              "fwd_breakdown_gflop": {k: v / 1e9 for k, v in fo.items()}}
         if "xla_fwd_flops" in r:
@@ -340,6 +385,7 @@ def report(w, results: dict, peaks: list[float], load: tuple) -> dict:
                      "-" if r.get("compile_s") is None else f"{r['compile_s']:.1f}", f"{r['first_step_s']:.2f}",
                      f"{med:.3f} ({min(ts):.3f}-{max(ts):.3f})", f"{w.batch / med:.2f}", f"{gf:.0f}",
                      f"{100 * gf / peak:.0f}%", f"{r['peak_rss_bytes'] / GB:.2f}",
+                     "-" if not r.get("device_peak_bytes") else f"{r['device_peak_bytes'] / GB:.2f}",
                      "-" if "temp_bytes" not in r else f"{r['temp_bytes'] / GB:.2f}", f"{r['sys_s_per_step']:.3f}",
                      f"{s['cpu_util']:.2f}"])
     body = [r for r in rows if r]
@@ -375,7 +421,10 @@ def report(w, results: dict, peaks: list[float], load: tuple) -> dict:
             print(f"  vs {s['label']}: step time {o['median_s'] / s['median_s']:.2f}, images/s "
                   f"{o['images_per_s'] / s['images_per_s']:.2f}, achieved GFLOP/s {o['gflops'] / s['gflops']:.2f}, "
                   f"model FLOPs/step {o['model_gflop'] / s['model_gflop']:.2f}, peak RSS "
-                  f"{o['rss_gb'] / s['rss_gb']:.2f}, sys s/step {o['sys_s'] / max(s['sys_s'], 1e-9):.2f}")
+                  f"{o['rss_gb'] / s['rss_gb']:.2f}, "
+                  + ("" if o["device_gb"] != o["device_gb"] or s["device_gb"] != s["device_gb"]  # NaN: no device
+                     else f"device memory {o['device_gb'] / s['device_gb']:.2f}, ")
+                  + f"sys s/step {o['sys_s'] / max(s['sys_s'], 1e-9):.2f}")
     for k, r in results.items():
         if "profile" in r:
             p = r["profile"]
@@ -384,14 +433,17 @@ def report(w, results: dict, peaks: list[float], load: tuple) -> dict:
     print("\nwhat differs, ours vs the peers:")
     for d in pm.differences(w):
         print(f"  - {d}")
-    return {"workload": w.name, "batch": w.batch, "peaks_gflops": peaks, "load_start": load,
-            "load_end": os.getloadavg(), "results": summary}
+    return {"workload": w.name, "batch": w.batch, "dtype": w.dtype, "devices": devices, "peaks_gflops": peaks,
+            "load_start": load, "load_end": os.getloadavg(), "results": summary}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workload", default="small", choices=sorted(pm.WORKLOADS))
     ap.add_argument("--steps", type=int, default=None, help="timed steps per framework (default: the workload's)")
+    ap.add_argument("--batch", type=int, default=0, help="batch size (default: the workload's)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="compute dtype of every framework (parameters stay float32; see bench/peer_models.py)")
     ap.add_argument("--only", default=",".join(DEFAULT_KINDS),
                     help=f"comma-separated subset of {','.join(KINDS)} (default: {','.join(DEFAULT_KINDS)})")
     ap.add_argument("--mem_budget_gb", type=float, default=None,
@@ -402,8 +454,8 @@ def main() -> None:
                     "print where the time goes (not counted in the timings)")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    w = pm.WORKLOADS[args.workload]
-    args.steps = args.steps or w.steps
+    args.steps = args.steps or pm.WORKLOADS[args.workload].steps
+    w = _workload(args)
     if args.child:
         return child_main(args)
     if args.mem_budget_gb is None:
@@ -417,8 +469,10 @@ def main() -> None:
           f"load {load[0]:.2f}", flush=True)
     with tempfile.TemporaryDirectory(prefix="peers_") as tmp:
         logdir = Path(tmp)
-        peaks = [run_child("peak", args, logdir)["gflops"]]
-        print(f"matmul peak at start: {peaks[0]:.0f} GFLOP/s", flush=True)
+        first = run_child("peak", args, logdir)
+        peaks = [first["gflops"]]
+        peak_name = f"XLA {first['dtype']} {first['n']}³ on {first['device']}"
+        print(f"matmul peak at start ({peak_name}): {peaks[0]:.0f} GFLOP/s", flush=True)
         results = {}
         for k in kinds:
             results[k] = run_child(k, args, logdir)
@@ -434,7 +488,7 @@ def main() -> None:
             if "error" in r:
                 print((logdir / f"{k}.log").read_text()[-3000:], file=sys.stderr)
         peaks.append(run_child("peak", args, logdir)["gflops"])
-    summary = report(w, results, peaks, load)
+    summary = report(w, results, peaks, load, peak_name)
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1))
 

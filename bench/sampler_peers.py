@@ -56,7 +56,7 @@ def child_ours_sample(w, args) -> dict:
     call()
     first = time.perf_counter() - t
     return {"params": n_params, "fwd_flops": flops.total(ops), "first_s": first,
-            "times": _median_call(call, args.calls), "nfe": 2 * args.sample_steps - 1}
+            "times": _median_call(call, args.calls), "nfe": 2 * args.sample_steps - 1, "device": peers._device_kind()}
 
 
 def child_ours_fwd(w, args) -> dict:
@@ -94,8 +94,9 @@ CHILDREN = {"peak": peers.child_peak, "ours_sample": child_ours_sample, "ours_fw
 def report(w, args, results: dict, peaks: list[float]) -> dict:
     peak = statistics.mean(peaks)
     print(f"\n== sampler, workload {w.name}: {w.note}; {w.batch} images per call, guidance → forward batch "
-          f"{2 * w.batch}; {args.sample_steps} Heun steps = {2 * args.sample_steps - 1} evaluations; fp32, "
-          f"{os.cpu_count()} cores; matmul peak start {peaks[0]:.0f} / end {peaks[-1]:.0f} GFLOP/s")
+          f"{2 * w.batch}; {args.sample_steps} Heun steps = {2 * args.sample_steps - 1} evaluations; {w.dtype}, "
+          f"{os.cpu_count()} cores, device {results.get('ours_sample', {}).get('device', '?')}; matmul peak start "
+          f"{peaks[0]:.0f} / end {peaks[-1]:.0f} GFLOP/s")
     summary = {}
     print(f"{'':46s} {'GFLOP/eval':>10s} {'first call s':>12s} {'s/call':>8s} {'ms/eval':>8s} {'s/image':>8s} "
           f"{'GFLOP/s':>8s} {'% peak':>6s} {'RSS GB':>6s}")
@@ -138,12 +139,14 @@ def main() -> None:
     ap.add_argument("--child_timeout", type=float, default=1800.0)
     ap.add_argument("--json", default="")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--batch", type=int, default=0, help="images per sampler call (default: the workload's)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
     ap.add_argument("--steps", type=int, default=0, help=argparse.SUPPRESS)  # peers.run_child passes it
     ap.add_argument("--profile", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.sample_steps < 1 or args.calls < 1:
         ap.error(f"--sample_steps={args.sample_steps} and --calls={args.calls} must be >= 1")
-    w = pm.WORKLOADS[args.workload]
+    w = peers._workload(args)
     if args.child:
         return peers.child_main(args, CHILDREN)
     if args.mem_budget_gb is None:

@@ -82,3 +82,18 @@ def test_torch_recorder():
         net(torch.zeros(2, 3, 8, 8))
     assert flops.breakdown(rec.ops) == {"conv": 2 * (2 * 8 * 8 * 8) * 3 * 9, "linear": 2 * (2 * 8) * 64 * 16}
     assert not rec._handles
+
+
+def test_cudnn_attention_primitive_counts_like_two_products():
+    """jax.nn.dot_product_attention(implementation="cudnn") shows up as one primitive in a GPU jaxpr (not traceable
+    on a CPU): a stand-in primitive of the same name must count QKᵀ and AV like the dense einsums."""
+    from jax.extend import core
+
+    prim = core.Primitive(flops.CUDNN_ATTENTION_PRIMITIVES[1])
+    prim.multiple_results = True
+    prim.def_abstract_eval(lambda q, k, v: [jax.core.ShapedArray(q.shape, q.dtype)])
+    q, kv = jnp.ones((2, 6, 3, 8)), jnp.ones((2, 10, 3, 8))
+    ops = flops.jax_forward_ops(lambda q, k, v: prim.bind(q, k, v)[0], q, kv, kv)
+    dense = flops.jax_forward_ops(_attention, q, kv, kv)
+    assert flops.breakdown(ops) == pytest.approx(flops.breakdown(dense))
+    assert flops.total(ops) == 2 * 2 * (2 * 3) * 6 * 10 * 8

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ediffi_jax.models.attention import dot_product_attention
+from ediffi_jax.models.attention import dot_product_attention, select_attention
 from ediffi_jax.models.flash_attention import block_shape, flash_attention
 
 
@@ -123,3 +123,20 @@ def test_auto_picks_flash_only_for_large_logits_and_never_with_a_bias_hook():
     assert "custom_vjp" not in str(jax.make_jaxpr(lambda *a: dot_product_attention(*a, bias_fn=hook))(*big))
     with pytest.raises(ValueError, match="'fast'"):
         dot_product_attention(q, k, v, impl="fast")
+
+
+def test_auto_picks_cudnn_on_gpu_only_for_unmasked_low_precision_layers():
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    self_32 = ((8, 1024, 8, 8), (8, 1024, 8, 8))  # edm64's self-attention at 32²: 8 heads of 8
+    pick = lambda *shapes, **kw: select_attention(*shapes, **{"masked": False, "has_bias": False, **kw})  # noqa: E731
+    assert pick(*self_32, bf16, backend="gpu") == "cudnn"
+    assert pick(*self_32, jnp.float16, backend="gpu") == "cudnn"
+    assert pick(*self_32, f32, backend="gpu") == "flash"  # cuDNN's fused kernel is half precision only
+    assert pick(*self_32, bf16, backend="gpu", masked=True) == "flash"  # cross-attention keeps its key mask
+    assert pick(*self_32, bf16, backend="gpu", has_bias=True) == "dense"  # paint-with-words sees the logits
+    assert pick((8, 1024, 2, 12), (8, 1024, 2, 12), bf16, backend="gpu") == "flash"  # head size not a multiple of 8
+    assert pick((8, 1024, 1, 256), (8, 1024, 1, 256), bf16, backend="gpu") == "flash"  # head size over 128
+    assert pick(*self_32, bf16, backend="cpu") == "flash"
+    assert pick(*self_32, bf16, backend="gpu", impl="dense") == "dense"
+    assert pick(*self_32, bf16, backend="gpu", impl="flash") == "flash"
+    assert pick((1, 16, 2, 8), (1, 16, 2, 8), f32, backend="gpu") == "dense"  # small logits stay dense

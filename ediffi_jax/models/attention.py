@@ -38,13 +38,17 @@ _default_kernel_init = nnx.initializers.lecun_normal()
 # ``model.attention``: how softmax(QKᵀ/√D)V is computed (same result to float rounding).
 #   "dense": the logits [B, H, Lq, Lk] materialised in float32 (XLA fuses what it can);
 #   "flash": blocks of queries with a recomputing backward (models/flash_attention.py), O(block) memory;
-#   "auto":  "flash" where the float32 logits would exceed FLASH_MIN_BYTES (per backend), else "dense".
+#   "auto":  on a GPU, cuDNN's fused attention (`jax.nn.dot_product_attention(implementation="cudnn")`) for an
+#            unmasked, unbiased layer in bfloat16/float16 with head size a multiple of 8 up to 128 (the U-Net's
+#            self-attention); otherwise "flash" where the float32 logits would exceed FLASH_MIN_BYTES (per
+#            backend), else "dense".
 # A layer with a bias hook (paint-with-words) is always dense: the hook sees the layer's whole logit tensor.
 # CPU: flash was faster than dense at every size measured (bench/peers.py small/edm64, docs/benchmarks.md), so only
-# trivial layers stay dense; accelerators (not yet measured with it): flash where dense memory would hurt.
+# trivial layers stay dense; GPU: see `select_attention` and docs/benchmarks.md (peers on a GPU).
 ATTENTION_IMPLS = ("auto", "dense", "flash")
 FLASH_MIN_BYTES = {"cpu": 1 << 20}
 FLASH_MIN_BYTES_DEFAULT = 16 << 20
+_CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -165,10 +169,14 @@ def dot_product_attention(
         raise ValueError(f"q/k/v must be [B, L, H, D]; got {q.shape}, {k.shape}, {v.shape}")
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention implementation {impl!r}: one of {', '.join(ATTENTION_IMPLS)}")
-    b, lq, h, _ = q.shape
-    logit_bytes = 4 * b * h * lq * k.shape[1]
-    threshold = FLASH_MIN_BYTES.get(jax.default_backend(), FLASH_MIN_BYTES_DEFAULT)
-    if bias is None and bias_fn is None and (impl == "flash" or (impl == "auto" and logit_bytes > threshold)):
+    has_bias = bias is not None or bias_fn is not None
+    chosen = select_attention(q.shape, k.shape, q.dtype, masked=key_mask is not None, has_bias=has_bias, impl=impl)
+    if chosen == "cudnn":
+        try:
+            return jax.nn.dot_product_attention(q, k, v, implementation="cudnn").astype(v.dtype)
+        except (ValueError, NotImplementedError, RuntimeError):  # cuDNN too old / shape refused at trace time
+            chosen = "flash"
+    if chosen == "flash":
         return flash_attention(q, k, v, key_mask)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     if bias is not None:
@@ -182,6 +190,33 @@ def dot_product_attention(
     # heads-major V and output, transposed explicitly: the fused "bhqk,bkhd->bqhd" ran ~3.5× slower on XLA:CPU
     out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v.transpose(0, 2, 1, 3))
     return out.transpose(0, 2, 1, 3)
+
+
+def select_attention(
+    q_shape: Sequence[int],
+    k_shape: Sequence[int],
+    dtype: jnp.dtype,
+    *,
+    masked: bool,
+    has_bias: bool,
+    impl: str = "auto",
+    backend: str | None = None,
+) -> str:
+    """Which kernel `dot_product_attention` runs for these shapes: ``"cudnn"``, ``"flash"`` or ``"dense"``.
+
+    ``backend`` defaults to ``jax.default_backend()``; a layer with a bias (paint-with-words) is always dense.
+    """
+    if has_bias or impl == "dense":
+        return "dense"
+    if impl == "flash":
+        return "flash"
+    backend = backend or jax.default_backend()
+    b, lq, h, d = q_shape
+    if (backend in ("gpu", "cuda") and not masked and jnp.dtype(dtype) in _CUDNN_DTYPES and d % 8 == 0
+            and d <= 128):
+        return "cudnn"
+    logit_bytes = 4 * b * h * lq * k_shape[1]
+    return "flash" if logit_bytes > FLASH_MIN_BYTES.get(backend, FLASH_MIN_BYTES_DEFAULT) else "dense"
 
 
 def _check_impl(impl: str) -> str:
