@@ -142,6 +142,7 @@ def ours_setup(w: Workload, attention: str = "auto"):
     import numpy as np
     from flax import nnx
 
+    from ediffi_jax.tracing import abstract_module, fast_tracing
     from ediffi_jax.train.step import build_model, init_train_state, make_optimizer, split_model, step_spec, train_step
 
     c = ours_config(w, attention)
@@ -150,9 +151,12 @@ def ours_setup(w: Workload, attention: str = "auto"):
     batch = {"image": jnp.asarray(rng.uniform(-1, 1, (b, r, r, 3)), jnp.float32),
              "tokens": jnp.asarray(rng.normal(size=(b, w.context_len, w.context_dim)), jnp.float32),
              "mask": jnp.ones((b, w.context_len), bool)}
-    graphdef, params = split_model(build_model(c, 0))
-    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+    # jitted initialisation, as ediffi-train does it (eager op-by-op init is slow on an accelerator)
+    graphdef, _ = split_model(abstract_module(lambda: build_model(c, 0)))
     tx, spec = make_optimizer(c.optim), step_spec(c)
+    with fast_tracing():
+        params = jax.jit(lambda: split_model(build_model(c, 0))[1])()
+    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
 
     def encode(_, bt):
         return {"text": {"tokens": bt["tokens"], "mask": bt["mask"]}}
@@ -165,7 +169,7 @@ def ours_setup(w: Workload, attention: str = "auto"):
         return nnx.merge(graphdef, p)(x, cn, encode(None, bt), keep)
 
     fwd_args = (params, batch["image"], jnp.zeros((b,), jnp.float32), batch)
-    state = init_train_state(jax.tree.map(jnp.copy, params), tx)
+    state = jax.jit(lambda p: init_train_state(jax.tree.map(jnp.copy, p), tx))(params)
     return step, state, (batch,), jax.random.PRNGKey(0), forward, fwd_args, n_params
 
 
@@ -216,7 +220,8 @@ def flax_setup(w: Workload, mem_efficient: bool):
         ema = jax.tree.map(lambda e, q: d * e + (1.0 - d) * q, ema, p)
         return (p, opt_state, ema, t + 1), loss
 
-    state = (params, tx.init(params), jax.tree.map(jnp.copy, params), jnp.zeros((), jnp.int32))
+    state = jax.jit(lambda p: (jax.tree.map(jnp.copy, p), tx.init(p), jax.tree.map(jnp.copy, p),
+                               jnp.zeros((), jnp.int32)))(params)
     fwd_args = (params, y, jnp.zeros((b,), jnp.float32), ctx)
     return jax.jit(step, donate_argnums=(0,)), state, (y, ctx), jax.random.PRNGKey(0), forward, fwd_args, n_params
 

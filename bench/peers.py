@@ -118,6 +118,11 @@ def child_peak(w, args) -> dict:
     return {"gflops": best / 1e9, "n": n, "dtype": dtype.name, "device": _device_kind()}
 
 
+def _phase(msg: str) -> None:
+    """Progress of a child on its stderr (its log), so a child killed at its timeout shows how far it got."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
 def _jax_child(w, args, setup, trim: bool = False) -> dict:
     import flops
     import jax
@@ -125,13 +130,16 @@ def _jax_child(w, args, setup, trim: bool = False) -> dict:
     t0 = time.perf_counter()
     step, state, batch_args, key, forward, fwd_args, n_params = setup()
     t_init = time.perf_counter() - t0
+    _phase(f"set up in {t_init:.1f} s ({n_params:,} parameters on {_device_kind()})")
     ops = flops.jax_forward_ops(forward, *fwd_args)
     xla_fwd = flops.xla_flops(jax.jit(forward).lower(*fwd_args))
     t0 = time.perf_counter()
     lowered = step.lower(state, *batch_args, key)
     xla_step = flops.xla_flops(lowered)
+    _phase(f"FLOPs counted, step lowered in {time.perf_counter() - t0:.1f} s; compiling")
     compiled = lowered.compile()
     t_compile = time.perf_counter() - t0
+    _phase(f"compiled in {t_compile:.1f} s")
     trimmed = 0
     if trim:  # ours: what ediffi-train does once its step is compiled (ediffi_jax/host_memory.py)
         from ediffi_jax.host_memory import release_free_heap
@@ -159,6 +167,7 @@ def _jax_child(w, args, setup, trim: bool = False) -> dict:
     t0 = time.perf_counter()
     one()
     out["first_step_s"] = time.perf_counter() - t0
+    _phase(f"first step {out['first_step_s']:.2f} s; timing {args.steps} steps")
     out.update(_timed_steps(one, args.steps))
     out["loss"] = holder["loss"]
     out["device"], out["device_peak_bytes"] = _device_kind(), _device_peak_bytes()
@@ -452,6 +461,7 @@ def main() -> None:
     ap.add_argument("--json", default="", help="also write the summary here")
     ap.add_argument("--profile", default="", help="trace 2 more steps of our JAX children into this directory and "
                     "print where the time goes (not counted in the timings)")
+    ap.add_argument("--logdir", default="", help="keep each child's log (stderr) here (default: a temporary folder)")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.steps = args.steps or pm.WORKLOADS[args.workload].steps
@@ -468,7 +478,8 @@ def main() -> None:
     print(f"workload {w.name}; {args.steps} timed steps; memory budget per child {args.mem_budget_gb:.1f} GB; "
           f"load {load[0]:.2f}", flush=True)
     with tempfile.TemporaryDirectory(prefix="peers_") as tmp:
-        logdir = Path(tmp)
+        logdir = Path(args.logdir or tmp)
+        logdir.mkdir(parents=True, exist_ok=True)
         first = run_child("peak", args, logdir)
         peaks = [first["gflops"]]
         peak_name = f"XLA {first['dtype']} {first['n']}³ on {first['device']}"
@@ -485,7 +496,7 @@ def main() -> None:
             else:
                 state = r.get("skipped") or r.get("error")
             print(f"{LABELS[k]}: {state} (child {r['child_wall_s']:.0f} s)", flush=True)
-            if "error" in r:
+            if "error" in r or "skipped" in r:
                 print((logdir / f"{k}.log").read_text()[-3000:], file=sys.stderr)
         peaks.append(run_child("peak", args, logdir)["gflops"])
     summary = report(w, results, peaks, load, peak_name)
