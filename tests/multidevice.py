@@ -21,11 +21,20 @@ from pathlib import Path
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 
+def with_devices(env: dict[str, str], devices: int | None) -> dict[str, str]:
+    """``env`` (a copy) whose XLA_FLAGS ask for ``devices`` host-platform devices (None: the default one), the
+    suite's other XLA flags (tests/conftest.py) kept, so a child compiles what this process compiles."""
+    env = dict(env)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    if devices is not None:
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    env["XLA_FLAGS"] = " ".join(flags)
+    return env
+
+
 def multidevice_env(devices: int) -> dict[str, str]:
     """The environment of a child with ``devices`` host-platform devices (see `run_multidevice`)."""
-    env = dict(os.environ)
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
-    env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
+    env = with_devices(os.environ, devices)
     env["NPROC"] = "16"
     env["JAX_PLATFORMS"] = "cpu"
     env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(REPO, ".jax_cache"))

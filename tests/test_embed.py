@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import micro_config
-from multidevice import Background
+from multidevice import Background, with_devices
 
 from ediffi_jax.data.embedded import MANIFEST, flatten_embeddings, load_embedded
 from ediffi_jax.data.pipeline import decode_caption, decode_image
@@ -130,8 +130,7 @@ def test_training_on_embeddings_equals_training_on_captions(embedded, tmp_path):
 
 def run_cli(*args, devices=4) -> Background:
     """ediffi-embed on `devices` CPU devices, in the background."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", NPROC="16",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = with_devices(dict(os.environ, JAX_PLATFORMS="cpu", NPROC="16"), devices)
     return Background([os.path.join(BIN, "ediffi-embed"), *args], env=env, cwd=ROOT)
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from conftest import write_config_file
 from flax import nnx
-from multidevice import Background
+from multidevice import Background, with_devices
 
 from ediffi_jax.cli.common import load_config_file
 from ediffi_jax.train import loop
@@ -45,8 +45,7 @@ def run_a(tmp_path_factory, data_dir):
     t0 = time.perf_counter()
     train(load_config_file(cfg), str(tmp / "A"))
     print(f"\nrun A ({STEPS} steps, in process): {time.perf_counter() - t0:.1f} s")
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
+    env = with_devices(dict(os.environ, JAX_PLATFORMS="cpu"), None)
     cli = {name: Background([sys.executable, "-m", "ediffi_jax.cli.train", "--config", cfg, "--workdir",
                              str(tmp / name)], env=dict(env, EDIFFI_TEST_SIGNAL=spec))
            for name, spec in (("B", "5:KILL"), ("C", "4:TERM"))}

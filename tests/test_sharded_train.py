@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from conftest import write_config_file
 from flax import nnx
-from multidevice import REPO, Background, multidevice_env
+from multidevice import REPO, Background, multidevice_env, with_devices
 
 from ediffi_jax.cli.common import load_config_file
 from ediffi_jax.train.checkpoint import Checkpointer, abstract_like
@@ -114,8 +114,7 @@ def _two_processes(directory: Path) -> Background:
 def _bad_mesh_cli(directory: Path) -> Background:
     """ediffi-train with a mesh of 2 devices on this machine's 1."""
     cfg = write_config_file(directory / "config.py", str(directory / "data"), num_steps=STEPS, ckpt_every=2)
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
+    env = with_devices(dict(os.environ, JAX_PLATFORMS="cpu"), None)
     return Background([os.path.join(os.path.dirname(sys.executable), "ediffi-train"), "--config", cfg,
                        "--workdir", str(directory / "w"), "--config.mesh.fsdp=2"], env=env)
 
@@ -123,7 +122,7 @@ def _bad_mesh_cli(directory: Path) -> Background:
 def _plan_bad_mesh(directory: Path) -> Background:
     """ediffi-plan with a mesh that does not divide this machine's 1 device."""
     return Background([os.path.join(os.path.dirname(sys.executable), "ediffi-plan"), "--config", "configs/base64.py",
-                       "--mesh", "data=-1,fsdp=3"], env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+                       "--mesh", "data=-1,fsdp=3"], env=with_devices(os.environ, None))
 
 
 # Started at the beginning of the session, one after another (tests/conftest.py); each on its own copy of the
