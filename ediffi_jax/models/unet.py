@@ -44,10 +44,11 @@ scale-shift, softmax). Results are identical; only what the backward pass stores
 recomputation right after the forward pass of each layer, so on CPU the peak of a fused train step does not drop;
 the residuals kept for the backward do: tests/test_precision_remat.py.)
 
-Attention (``attention``, ``attention.ATTENTION_IMPLS``): ``"auto"`` (default) computes a layer whose float32
-logits would exceed 1 MiB on CPU, 16 MiB elsewhere, with query-blocked attention and a recomputing backward
-(``models/flash_attention.py``: only O and the row log-sum-exp are kept), smaller ones densely; ``"dense"`` /
-``"flash"`` force one. Same result to float rounding; may change on resume (``train/checkpoint.FREE_FIELDS``).
+Attention (``attention``, ``attention.ATTENTION_IMPLS``): ``"auto"`` (default) runs cuDNN's fused kernel on a GPU
+for unmasked bfloat16/float16 layers (self-attention; ``attention.select_attention``), and otherwise computes a
+layer whose float32 logits would exceed 1 MiB on CPU, 16 MiB elsewhere, with query-blocked attention and a
+recomputing backward (``models/flash_attention.py``: only O and the row log-sum-exp are kept), smaller ones
+densely; ``"dense"`` / ``"flash"`` force one. Same result to float rounding; may change on resume (``train/checkpoint.FREE_FIELDS``).
 """
 
 from __future__ import annotations
