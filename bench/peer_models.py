@@ -135,15 +135,45 @@ def ours_config(w: Workload, attention: str = "auto"):
     return c
 
 
+def _encode(_, bt):
+    """Our step's "encoder" on precomputed context tokens (as when training on `ediffi-embed` output)."""
+    return {"text": {"tokens": bt["tokens"], "mask": bt["mask"]}}
+
+
+def _ours_params(c):
+    """(graphdef, params, n_params) of our model, initialised under `jax.jit` as ediffi-train does it (eager
+    op-by-op initialisation is slow on an accelerator)."""
+    import jax
+    import numpy as np
+
+    from ediffi_jax.tracing import abstract_module, fast_tracing
+    from ediffi_jax.train.step import build_model, split_model
+
+    graphdef, _ = split_model(abstract_module(lambda: build_model(c, 0)))
+    with fast_tracing():
+        params = jax.jit(lambda: split_model(build_model(c, 0))[1])()
+    return graphdef, params, sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+
+
+def _ours_forward(graphdef):
+    """(params, x, c_noise, batch) → our UNet's output: the forward whose ops the FLOP counter reads."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    def forward(p, x, cn, bt):
+        keep = {"text": jnp.ones((x.shape[0],), bool)}
+        return nnx.merge(graphdef, p)(x, cn, _encode(None, bt), keep)
+
+    return forward
+
+
 def ours_setup(w: Workload, attention: str = "auto"):
     """(jitted step, initial state, step args after the state, key, forward fn, forward args, n_params)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from flax import nnx
 
-    from ediffi_jax.tracing import abstract_module, fast_tracing
-    from ediffi_jax.train.step import build_model, init_train_state, make_optimizer, split_model, step_spec, train_step
+    from ediffi_jax.train.step import init_train_state, make_optimizer, step_spec, train_step
 
     c = ours_config(w, attention)
     rng = np.random.default_rng(0)
@@ -151,23 +181,12 @@ def ours_setup(w: Workload, attention: str = "auto"):
     batch = {"image": jnp.asarray(rng.uniform(-1, 1, (b, r, r, 3)), jnp.float32),
              "tokens": jnp.asarray(rng.normal(size=(b, w.context_len, w.context_dim)), jnp.float32),
              "mask": jnp.ones((b, w.context_len), bool)}
-    # jitted initialisation, as ediffi-train does it (eager op-by-op init is slow on an accelerator)
-    graphdef, _ = split_model(abstract_module(lambda: build_model(c, 0)))
+    graphdef, params, n_params = _ours_params(c)
     tx, spec = make_optimizer(c.optim), step_spec(c)
-    with fast_tracing():
-        params = jax.jit(lambda: split_model(build_model(c, 0))[1])()
-    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
 
-    def encode(_, bt):
-        return {"text": {"tokens": bt["tokens"], "mask": bt["mask"]}}
-
-    step = jax.jit(lambda s, bt, k: train_step(s, bt, {}, k, graphdef=graphdef, encode=encode, tx=tx, spec=spec),
+    step = jax.jit(lambda s, bt, k: train_step(s, bt, {}, k, graphdef=graphdef, encode=_encode, tx=tx, spec=spec),
                    donate_argnums=(0,))
-
-    def forward(p, x, cn, bt):
-        keep = {"text": jnp.ones((x.shape[0],), bool)}
-        return nnx.merge(graphdef, p)(x, cn, encode(None, bt), keep)
-
+    forward = _ours_forward(graphdef)
     fwd_args = (params, batch["image"], jnp.zeros((b,), jnp.float32), batch)
     state = jax.jit(lambda p: init_train_state(jax.tree.map(jnp.copy, p), tx))(params)
     return step, state, (batch,), jax.random.PRNGKey(0), forward, fwd_args, n_params
@@ -295,11 +314,8 @@ def ours_sampler_setup(w: Workload, num_steps: int, attention: str = "auto"):
 
     from ediffi_jax.sampling import HeunConfig
     from ediffi_jax.text_to_image import make_sampler
-    from ediffi_jax.train.step import build_model, split_model
 
-    c = ours_config(w, attention)
-    graphdef, params = split_model(build_model(c, 0))
-    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+    graphdef, params, n_params = _ours_params(ours_config(w, attention))
     rng = np.random.default_rng(0)
     b, r = w.batch, w.image_size
     emb = {"text": {"tokens": jnp.asarray(rng.normal(size=(b, w.context_len, w.context_dim)), jnp.float32),
@@ -312,8 +328,12 @@ def ours_sampler_setup(w: Workload, num_steps: int, attention: str = "auto"):
     def call():
         return jax.block_until_ready(sampler(params, emb, noise, key, s, s))
 
-    _, _, _, _, forward, fwd_args, _ = ours_setup(pm_double(w), attention)
-    return call, forward, fwd_args, n_params
+    # the FLOP count of one guided evaluation: the same UNet at batch 2B (shapes only matter to the counter)
+    b2 = 2 * b
+    ctx = {"tokens": jnp.zeros((b2, w.context_len, w.context_dim), jnp.float32), "mask": jnp.ones((b2, w.context_len),
+                                                                                                 bool)}
+    fwd_args = (params, jnp.zeros((b2, r, r, 3), jnp.float32), jnp.zeros((b2,), jnp.float32), ctx)
+    return call, _ours_forward(graphdef), fwd_args, n_params
 
 
 def pm_double(w: Workload) -> Workload:

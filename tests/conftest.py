@@ -6,17 +6,11 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# The suite is bound by XLA:CPU compiles of tiny programs, most of it LLVM's optimisation: LLVM -O0 cuts compile
-# time ~30% (tests/test_precision_remat.py + test_unet.py from a cold cache: 64 -> 45 s). XLA's own HLO passes are
-# unchanged, and every child process the tests start inherits the flag (multidevice.with_devices keeps it), so
-# in-process and subprocess results compare bit for bit. Benchmarks (bench/) and the package run at full
-# optimisation. EDIFFI_TEST_FULL_OPT=1 runs the tests as the package runs.
-if os.environ.get("EDIFFI_TEST_FULL_OPT") != "1" and "xla_backend_optimization_level" not in os.environ.get(
-        "XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 
 import pytest  # noqa: E402
-from multidevice import Lane  # noqa: E402
+from multidevice import Lane, apply_test_xla_flags  # noqa: E402
+
+apply_test_xla_flags(os.environ)  # before anything imports jax (see multidevice.TEST_XLA_FLAGS)
 
 
 def micro_config(data_dir: str):

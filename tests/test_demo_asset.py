@@ -10,7 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from multidevice import Background
+from multidevice import Background, package_env
 
 from ediffi_jax.text_to_image import TextToImage
 from ediffi_jax.train.checkpoint import check_compatible
@@ -22,12 +22,13 @@ BIN = os.path.dirname(sys.executable)
 
 def _documented_command(directory: Path) -> Background:
     """The command of docs/benchmarks.md, cut to 2 steps (the committed run took config.train.num_steps), then
-    ediffi-export; in the background from the start of the session (tests/conftest.py)."""
+    ediffi-export; in the background from the start of the session (tests/conftest.py), compiled as the package
+    compiles (its random encoders must equal the committed ones bit for bit)."""
     work, out = directory / "run", directory / "export"
     train = [os.path.join(BIN, "ediffi-train"), "--config", "configs/tiny.py", "--workdir", str(work),
              "--config.train.num_steps=2", "--config.train.eval_num=0", f"--config.data.data_dir={directory / 'data'}"]
     export = [os.path.join(BIN, "ediffi-export"), "--workdir", str(work), "--out", str(out)]
-    return Background(["bash", "-c", f"{shlex.join(train)} && {shlex.join(export)}"], cwd=ROOT)
+    return Background(["bash", "-c", f"{shlex.join(train)} && {shlex.join(export)}"], cwd=ROOT, env=package_env())
 
 
 PROMPTS = ["a red circle on the left", "a blue square at the top", "a green triangle in the center",
