@@ -48,7 +48,8 @@ Attention (``attention``, ``attention.ATTENTION_IMPLS``): ``"auto"`` (default) r
 for unmasked bfloat16/float16 layers (self-attention; ``attention.select_attention``), and otherwise computes a
 layer whose float32 logits would exceed 1 MiB on CPU, 16 MiB elsewhere, with query-blocked attention and a
 recomputing backward (``models/flash_attention.py``: only O and the row log-sum-exp are kept), smaller ones
-densely; ``"dense"`` / ``"flash"`` force one. Same result to float rounding; may change on resume (``train/checkpoint.FREE_FIELDS``).
+densely; ``"dense"`` / ``"flash"`` force one. Same result to float rounding; may change on resume
+(``train/checkpoint.FREE_FIELDS``).
 """
 
 from __future__ import annotations
