@@ -108,3 +108,42 @@ def lane(request, tmp_path_factory):
     lane.start()
     yield lane
     lane.close()
+
+
+# EDIFFI_TEST_COMPILE_REPORT=1: in-process seconds of tracing, lowering and XLA compiling per test (fixtures
+# included), the 20 costliest printed at the end; the suite is compile-bound, this says where to trim.
+_COMPILE = {"current": "(collection)", "by_test": {}}
+if os.environ.get("EDIFFI_TEST_COMPILE_REPORT") == "1":
+    import jax.monitoring
+
+    def _on_duration(event: str, seconds: float, **_) -> None:
+        if event.startswith("/jax/core/compile/") or event.startswith("/jax/compilation_cache/"):
+            per = _COMPILE["by_test"].setdefault(_COMPILE["current"], {})
+            key = event.rsplit("/", 1)[-1]
+            per[key] = per.get(key, 0.0) + seconds
+
+    jax.monitoring.register_event_duration_secs_listener(_on_duration)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    _COMPILE["current"] = item.nodeid
+    try:
+        return (yield)
+    finally:
+        _COMPILE["current"] = "(between tests)"
+
+
+def pytest_terminal_summary(terminalreporter):
+    by_test = _COMPILE["by_test"]
+    if not by_test:
+        return
+    total = {}
+    for per in by_test.values():
+        for k, v in per.items():
+            total[k] = total.get(k, 0.0) + v
+    terminalreporter.write_line("in-process compile seconds, all tests: " + ", ".join(
+        f"{k} {v:.1f}" for k, v in sorted(total.items(), key=lambda kv: -kv[1])))
+    key = "backend_compile_duration"
+    for nodeid, per in sorted(by_test.items(), key=lambda kv: -sum(kv[1].values()))[:20]:
+        terminalreporter.write_line(f"  {sum(per.values()):6.1f} s (XLA {per.get(key, 0.0):5.1f})  {nodeid}")

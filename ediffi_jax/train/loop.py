@@ -56,7 +56,7 @@ from ediffi_jax.host_memory import release_free_heap
 from ediffi_jax.sampling import HeunConfig
 from ediffi_jax.text_to_image import make_sampler, save_grid, to_uint8
 from ediffi_jax.tracing import abstract_module, fast_tracing
-from ediffi_jax.train import sharding
+from ediffi_jax.train import sharding, step_cache
 from ediffi_jax.train.checkpoint import Checkpointer, check_compatible, config_to_dict
 from ediffi_jax.train.expert_init import check_parent, copy_parent_encoders, expert_sigma_dist, params_from_parent
 from ediffi_jax.train.step import (
@@ -372,17 +372,21 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     spec = step_spec(config)
     interval = jax.device_put(jax.tree.map(jnp.asarray, sigma_dist.interval()), rep)
     t0 = time.perf_counter()
-    step_fn = jax.jit(
+    step_args = (sharding.with_shardings(abstract_state, state_shardings), sharding.abstract_batch(first, mesh),
+                 enc_params, key, interval)
+    step_fn, reused = step_cache.cached_compile(step_cache.step_key(config, mesh, *step_args), lambda: jax.jit(
         lambda s, b, e, k, i: train_step(s, b, e, k, i, graphdef=graphdef, encode=encode, tx=tx, spec=spec),
         in_shardings=(state_shardings, sharding.batch_shardings(first, mesh),
                       sharding.tree_shardings(enc_params, mesh), rep, rep),
         out_shardings=(state_shardings, rep),
         donate_argnums=(0,),
-    ).lower(sharding.with_shardings(abstract_state, state_shardings), sharding.abstract_batch(first, mesh),
-            enc_params, key, interval).compile()
+    ).lower(*step_args).compile())
     compile_s = time.perf_counter() - t0
-    freed = release_free_heap()  # the compiler's freed heap, given back before the step's temporaries (host_memory.py)
-    log.info("train step compiled in %.1f s; %.2f GB of freed host memory returned", compile_s, freed / 1e9)
+    if reused:  # an earlier run of this process compiled the same step (train/step_cache.py)
+        log.info("train step reused from an earlier run of this process (%.1f s)", compile_s)
+    else:
+        freed = release_free_heap()  # the compiler's freed heap, returned before the step's temporaries
+        log.info("train step compiled in %.1f s; %.2f GB of freed host memory returned", compile_s, freed / 1e9)
     sharding.log_memory(step_fn)
     # Real data: the validation loss on a fixed held-out set of data.val_split (shapes: sampled shape-scores).
     validation = ValidationLoss(
