@@ -13,6 +13,7 @@ from flax import nnx
 from ediffi_jax.ensemble import assemble_ensemble, load_ensemble, save_ensemble
 from ediffi_jax.sampling import HeunConfig, heun_sample
 from ediffi_jax.text_to_image import guided_denoiser, make_sampler
+from ediffi_jax.train import step_cache
 from ediffi_jax.train.events import read_scalars
 from ediffi_jax.train.expert_init import params_from_parent
 from ediffi_jax.train.expert_tree import train_expert_tree
@@ -34,7 +35,10 @@ def fast_config(data_dir):
 def tree_run(data_dir, tmp_path_factory):
     config = fast_config(data_dir)
     root_dir = str(tmp_path_factory.mktemp("experts"))
+    hits = step_cache.STATS["hits"]
     out = train_expert_tree(config, root_dir, child_steps=3)
+    # Both children run the root's compiled step (train/step_cache.py): their σ interval is an operand.
+    assert step_cache.STATS["hits"] >= hits + 2
     return config, root_dir, out
 
 

@@ -23,7 +23,7 @@ import jax
 import ml_collections
 
 # Config fields the compiled step does not read (the loop's schedule, where data and checkpoints live, which
-# expert node: its σ interval is an operand of the step).
+# expert node: its σ interval is an operand of the step; which parent it starts from: only the initial state).
 LOOP_ONLY = (
     "train.num_steps",
     "train.log_every",
@@ -31,6 +31,7 @@ LOOP_ONLY = (
     "train.keep_checkpoints",
     "train.eval_num",
     "expert.node",
+    "expert.parent",
     "data.data_dir",
 )
 MAX_ENTRIES = 4
