@@ -254,8 +254,9 @@ def torch_device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def torch_setup(w: Workload):
-    """(step fn, model, n_params) on `torch_device()`; the step returns the loss as a Python float (synchronous)."""
+def _torch_peer(w: Workload):
+    """(diffusers UNet2DConditionModel on `torch_device()`, that device, a seeded generator on it, the forward's
+    precision context: `torch.autocast` to `w.dtype`, or none for float32)."""
     import contextlib
 
     import torch
@@ -268,18 +269,25 @@ def torch_setup(w: Workload):
         sample_size=w.image_size, in_channels=3, out_channels=3, down_block_types=down, up_block_types=up,
         block_out_channels=w.block_channels, layers_per_block=w.layers_per_block, cross_attention_dim=w.context_dim,
         attention_head_dim=heads(w), norm_num_groups=32).to(dev)
+    half = w.dtype != "float32"
+    cast = (lambda: torch.autocast(dev.type, dtype=getattr(torch, w.dtype))) if half else contextlib.nullcontext
+    return model, dev, torch.Generator(dev).manual_seed(0), cast
+
+
+def torch_setup(w: Workload):
+    """(step fn, model, n_params) on `torch_device()`; the step returns the loss as a Python float (synchronous)."""
+    import torch
+
+    model, dev, g, cast = _torch_peer(w)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=WD)
     ema = [p.detach().clone() for p in params]
-    g = torch.Generator(dev).manual_seed(0)
     b, r = w.batch, w.image_size
     y = torch.rand((b, 3, r, r), generator=g, device=dev) * 2 - 1
     ctx = torch.randn((b, w.context_len, w.context_dim), generator=g, device=dev)
     counter = {"t": 0}
-    half = w.dtype != "float32"
-    cast = (lambda: torch.autocast(dev.type, dtype=getattr(torch, w.dtype))) if half else contextlib.nullcontext
 
     def step() -> float:
         sigma = torch.exp(P_MEAN + P_STD * torch.randn(b, generator=g, device=dev))
@@ -344,26 +352,15 @@ def pm_double(w: Workload) -> Workload:
 def torch_forward_setup(w: Workload):
     """(forward at batch 2B under inference_mode, model, n_params): the PyTorch peer's cost per guided evaluation,
     with the same EDM preconditioning and guidance combination around it."""
-    import contextlib
-
     import torch
-    from diffusers import UNet2DConditionModel
 
-    dev = torch_device()
-    torch.manual_seed(0)
-    down, up = peer_block_types(w)
-    model = UNet2DConditionModel(
-        sample_size=w.image_size, in_channels=3, out_channels=3, down_block_types=down, up_block_types=up,
-        block_out_channels=w.block_channels, layers_per_block=w.layers_per_block, cross_attention_dim=w.context_dim,
-        attention_head_dim=heads(w), norm_num_groups=32).eval().to(dev)
+    model, dev, g, cast = _torch_peer(w)
+    model.eval()
     n_params = sum(p.numel() for p in model.parameters())
-    g = torch.Generator(dev).manual_seed(0)
     b, r = 2 * w.batch, w.image_size
     x = torch.randn((w.batch, 3, r, r), generator=g, device=dev) * 10
     ctx = torch.randn((b, w.context_len, w.context_dim), generator=g, device=dev)
     sigma = torch.full((b,), 10.0, device=dev)
-    half = w.dtype != "float32"
-    cast = (lambda: torch.autocast(dev.type, dtype=getattr(torch, w.dtype))) if half else contextlib.nullcontext
     c_in, c_skip, c_out, c_noise, _ = (v.view(-1, 1, 1, 1) if i != 3 else v
                                        for i, v in enumerate(edm_sigma_terms(sigma, torch)))
 

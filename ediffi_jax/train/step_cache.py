@@ -22,6 +22,8 @@ from typing import Any
 import jax
 import ml_collections
 
+from ediffi_jax.train.checkpoint import config_to_dict
+
 # Config fields the compiled step does not read (the loop's schedule, where data and checkpoints live, which
 # expert node: its σ interval is an operand of the step; which parent it starts from: only the initial state).
 LOOP_ONLY = (
@@ -42,7 +44,7 @@ STATS = {"hits": 0, "misses": 0}
 
 def step_key(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *abstract_args: Any) -> str:
     """A digest of what the step compiled for `config` on `mesh` with arguments like `abstract_args` depends on."""
-    cfg = json.loads(config.to_json_best_effort())
+    cfg = config_to_dict(config)
     for dotted in LOOP_ONLY:
         *parents, leaf = dotted.split(".")
         node = cfg
