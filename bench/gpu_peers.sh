@@ -6,8 +6,8 @@
 #   WORKLOAD=attn64 BATCH=32 bash bench/gpu_peers.sh        # the other workload, in a second call
 # On an H100 (2026-11-26) the JAX children's set-up + compile took over 110 s at edm64 batch 64 (XLA's GPU
 # autotuning; --xla_gpu_autotune_level=0 dropped its bf16 matmul from 772 to 10 TFLOP/s: never use it), so each
-# child gets 240 s. Figures are printed as measured; summary, JSON and each child's log (its phases, timestamped)
-# land under $OUT (the device tool's result folder), so a cut run keeps what it measured.
+# child gets up to 330 s and --deadline 545 ends the run with its report inside one call. Figures are printed as
+# measured; summary, JSON and each child's log (its phases, timestamped) land under $OUT (the device tool's result folder), so a cut run keeps what it measured.
 set -u
 OUT=${OUT:-/tmp/gpu_peers}
 WORKLOAD=${WORKLOAD:-edm64}
@@ -19,6 +19,6 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import jax, flax, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'torch', torch.__version__)" \
   | tee -a "$OUT/gpu.txt"
-timeout 560 python3 bench/peers.py --workload "$WORKLOAD" --dtype bfloat16 --batch "$BATCH" --steps 10 \
-  --child_timeout 240 --only ours,torch,flax_mem --logdir "$OUT/logs" --json "$OUT/$WORKLOAD.json" 2>&1 \
+timeout 570 python3 bench/peers.py --workload "$WORKLOAD" --dtype bfloat16 --batch "$BATCH" --steps 10 --deadline 545 \
+  --child_timeout 330 --only ours,torch,flax_mem --logdir "$OUT/logs" --json "$OUT/$WORKLOAD.json" 2>&1 \
   | tee "$OUT/$WORKLOAD.txt"

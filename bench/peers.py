@@ -54,6 +54,7 @@ LABELS = {"ours": "ours (ediffi-jax, jax.jit)", "ours_dense": "ours, model.atten
           "torch": "diffusers PyTorch (eager)",
           "flax": "diffusers Flax (jit)", "flax_mem": "diffusers Flax, mem-efficient attn"}
 GB = 1e9
+DEADLINE_RESERVE_S = 25.0  # --deadline: what the end-of-run matmul peak and the report need
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -305,6 +306,10 @@ def run_child(kind: str, args, logdir: Path, script: str = __file__, extra: tupl
         cmd += ["--profile", str(Path(args.profile) / kind)]
     log = open(logdir / f"{kind}.log", "w")
     t0 = time.perf_counter()
+    limit = args.child_timeout
+    if getattr(args, "deadline_at", None) is not None:  # --deadline: a model child leaves time for the final peak
+        reserve = 0.0 if kind == "peak" else DEADLINE_RESERVE_S
+        limit = max(min(limit, args.deadline_at - reserve - t0), 1.0)
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
     killed = {}
 
@@ -315,7 +320,7 @@ def run_child(kind: str, args, logdir: Path, script: str = __file__, extra: tupl
                 killed["rss"] = rss
                 p.kill()
                 return
-            if time.perf_counter() - t0 > args.child_timeout:
+            if time.perf_counter() - t0 > limit:
                 killed["timeout"] = True
                 p.kill()
                 return
@@ -335,7 +340,7 @@ def run_child(kind: str, args, logdir: Path, script: str = __file__, extra: tupl
     if "rss" in killed:
         res = {"skipped": f"killed: resident memory passed the {args.mem_budget_gb:.1f} GB budget"}
     elif "timeout" in killed:
-        res = {"skipped": f"killed after {args.child_timeout:.0f} s"}
+        res = {"skipped": f"killed after {limit:.0f} s"}
     elif not res:
         tail = (logdir / f"{kind}.log").read_text().strip().splitlines()[-3:]
         res = {"error": f"exit {p.returncode}: " + " | ".join(tail)}
@@ -458,6 +463,9 @@ def main() -> None:
     ap.add_argument("--mem_budget_gb", type=float, default=None,
                     help="per-child memory budget (default: memory available at the start − 2 GB)")
     ap.add_argument("--child_timeout", type=float, default=1800.0)
+    ap.add_argument("--deadline", type=float, default=0.0,
+                    help="whole-run wall budget in seconds: a child is cut so the run still ends with its report "
+                    "(for a leased accelerator's per-call limit; 0 = none)")
     ap.add_argument("--json", default="", help="also write the summary here")
     ap.add_argument("--profile", default="", help="trace 2 more steps of our JAX children into this directory and "
                     "print where the time goes (not counted in the timings)")
@@ -465,6 +473,7 @@ def main() -> None:
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.steps = args.steps or pm.WORKLOADS[args.workload].steps
+    args.deadline_at = time.perf_counter() + args.deadline if args.deadline > 0 else None
     w = _workload(args)
     if args.child:
         return child_main(args)
@@ -498,7 +507,8 @@ def main() -> None:
             print(f"{LABELS[k]}: {state} (child {r['child_wall_s']:.0f} s)", flush=True)
             if "error" in r or "skipped" in r:
                 print((logdir / f"{k}.log").read_text()[-3000:], file=sys.stderr)
-        peaks.append(run_child("peak", args, logdir)["gflops"])
+        end = run_child("peak", args, logdir)
+        peaks.append(end.get("gflops", peaks[0]))  # a peak cut by --deadline: the start figure stands for both
     summary = report(w, results, peaks, load, peak_name)
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1))
