@@ -43,7 +43,13 @@ def run_a(tmp_path_factory, data_dir):
     tmp = tmp_path_factory.mktemp("fault")
     cfg = write_config_file(tmp / "config.py", data_dir, num_steps=STEPS, ckpt_every=CKPT_EVERY, keep_checkpoints=10)
     t0 = time.perf_counter()
-    train(load_config_file(cfg), str(tmp / "A"))
+    # A writes its step to the persistent cache however fast it compiled: B's restart must find it there.
+    before = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    try:
+        train(load_config_file(cfg), str(tmp / "A"))
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", before)
     print(f"\nrun A ({STEPS} steps, in process): {time.perf_counter() - t0:.1f} s")
     env = with_devices(dict(os.environ, JAX_PLATFORMS="cpu"), None)
     cli = {name: Background([sys.executable, "-m", "ediffi_jax.cli.train", "--config", cfg, "--workdir",
@@ -114,6 +120,8 @@ def test_resume_after_sigkill_is_bitwise_the_uninterrupted_run(run_a, caplog):
     b = str(run_a["tmp"] / "B")
     p = _cli(run_a, "B")  # killed after step 5, between the checkpoints at 3 and 6
     assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
+    # The restart found run A's step in XLA's persistent cache (ediffi_jax/compile_cache.py) instead of compiling it.
+    assert "INFO train step loaded from the persistent compilation cache in" in p.stderr, p.stderr[-3000:]
     assert _steps(b) == ["3"]
     with caplog.at_level(logging.INFO, logger="ediffi_jax"):
         train(load_config_file(run_a["cfg"]), b)

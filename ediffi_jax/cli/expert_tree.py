@@ -17,6 +17,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
+from ediffi_jax import compile_cache
 from ediffi_jax.cli.common import quiet_logs, run_main
 from ediffi_jax.train.expert_tree import train_expert_tree
 
@@ -25,6 +26,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collect
 _ROOT = flags.DEFINE_string("root_dir", None, "Directory holding one workdir per node and the ensemble.")
 _CHILD_STEPS = flags.DEFINE_integer("child_steps", None,
                                     "Training steps of every non-root node (default: config.train.num_steps).")
+_COMPILE_CACHE = flags.DEFINE_string("compile_cache", "auto", compile_cache.FLAG_HELP + "; one for all nodes")
 
 
 def _main(argv: list[str]) -> None:
@@ -36,6 +38,7 @@ def _main(argv: list[str]) -> None:
     from ediffi_jax.train.sharding import initialize_distributed
 
     initialize_distributed(_CONFIG.value)  # before anything touches devices
+    compile_cache.enable(_COMPILE_CACHE.value, _ROOT.value)  # ROOT_DIR/compile_cache: every node's steps
     try:
         out = train_expert_tree(_CONFIG.value, _ROOT.value, _CHILD_STEPS.value)
     except Preempted:  # a node stopped on SIGTERM with a checkpoint: re-running resumes it

@@ -1,5 +1,8 @@
 """`ediffi-train --config configs/tiny.py --workdir DIR [--config.x=y ...]`: train or resume a run.
 
+A restart loads its compiled steps from XLA's persistent compilation cache (`--compile_cache`, default
+WORKDIR/compile_cache unless JAX_COMPILATION_CACHE_DIR names one; ediffi_jax/compile_cache.py).
+
 Multi-host: `--config.distributed.initialize=True` (see launch/) joins the processes through jax.distributed
 before anything touches devices.
 
@@ -21,6 +24,7 @@ import traceback
 from absl import flags
 from ml_collections import config_flags
 
+from ediffi_jax import compile_cache
 from ediffi_jax.cli.common import _one_line, quiet_logs, run_main
 
 EXIT_PREEMPTED = 75
@@ -28,6 +32,7 @@ EXIT_PREEMPTED = 75
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file (get_config()).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run: checkpoints, TensorBoard, samples.")
+_COMPILE_CACHE = flags.DEFINE_string("compile_cache", "auto", compile_cache.FLAG_HELP)
 
 
 def _main(argv: list[str]) -> None:
@@ -38,6 +43,7 @@ def _main(argv: list[str]) -> None:
     if _WORKDIR.value is None:
         raise ValueError("--workdir is required")
     distributed = initialize_distributed(_CONFIG.value)  # before anything touches devices
+    compile_cache.enable(_COMPILE_CACHE.value, _WORKDIR.value)  # before the first compilation
     try:
         metrics = train(_CONFIG.value, _WORKDIR.value)
     except Preempted:  # the loop logged the step; every process stops at it, so they leave jax.distributed alike

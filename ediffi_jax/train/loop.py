@@ -48,7 +48,7 @@ from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
-from ediffi_jax import sr
+from ediffi_jax import compile_cache, sr
 from ediffi_jax.data import pipeline, records, shapes, sources
 from ediffi_jax.data.embedded import load_keyed
 from ediffi_jax.encoders import FrozenEncoders, embeddings_from_batch, setup_encoders
@@ -371,7 +371,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     # The untruncated distribution, and this node's σ interval as an operand: every expert compiles the same step.
     spec = step_spec(config)
     interval = jax.device_put(jax.tree.map(jnp.asarray, sigma_dist.interval()), rep)
-    t0 = time.perf_counter()
+    t0, disk_hits = time.perf_counter(), compile_cache.hits()
     step_args = (sharding.with_shardings(abstract_state, state_shardings), sharding.abstract_batch(first, mesh),
                  enc_params, key, interval)
     step_fn, reused = step_cache.cached_compile(step_cache.step_key(config, mesh, *step_args), lambda: jax.jit(
@@ -386,7 +386,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         log.info("train step reused from an earlier run of this process (%.1f s)", compile_s)
     else:
         freed = release_free_heap()  # the compiler's freed heap, returned before the step's temporaries
-        log.info("train step compiled in %.1f s; %.2f GB of freed host memory returned", compile_s, freed / 1e9)
+        how = ("loaded from the persistent compilation cache" if compile_cache.hits() > disk_hits  # compile_cache.py
+               else "compiled")
+        log.info("train step %s in %.1f s; %.2f GB of freed host memory returned", how, compile_s, freed / 1e9)
     sharding.log_memory(step_fn)
     # Real data: the validation loss on a fixed held-out set of data.val_split (shapes: sampled shape-scores).
     validation = ValidationLoss(
