@@ -39,6 +39,7 @@ import dataclasses
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -104,12 +105,14 @@ def weight_fn(name: str) -> WeightFn:
     return WEIGHT_FUNCTIONS[name]
 
 
-def paint_bias(logits: jax.Array, sigma: jax.Array, a: jax.Array, w: jax.Array | float, fn: str = "paper"):
+def paint_bias(logits: jax.Array, sigma: jax.Array, a: jax.Array, w: jax.Array | float,
+               fn: str = "paper") -> jax.Array:
     """The bias w·A added to the unscaled logits [B, H, Lq, Lk]; `a` is [B, Lq, Lk] (shared by the heads)."""
     return weight_fn(fn)(logits.astype(jnp.float32), sigma, w) * a[:, None].astype(jnp.float32)
 
 
-def make_attn_bias_fn(maps: Mapping[str, jax.Array], sigma: jax.Array, w: jax.Array | float, fn: str = "paper"):
+def make_attn_bias_fn(maps: Mapping[str, jax.Array], sigma: jax.Array, w: jax.Array | float,
+                      fn: str = "paper") -> Callable[[jax.Array, tuple[int, int]], jax.Array]:
     """An `AttnBiasFn` for `UNet(attn_bias_fn=...)`: looks up A of the layer's (h, w) in `maps` (keys "HxW",
     from `PaintMaps.arrays`) and returns w·A for those logits."""
     weight_fn(fn)  # an unknown name fails here, not inside the trace
@@ -173,7 +176,7 @@ def resize_masks(masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.clip(np.asarray(out), 0.0, 1.0)
 
 
-def cross_attention_sizes(model_config, height: int, width: int) -> list[tuple[int, int]]:
+def cross_attention_sizes(model_config: Mapping[str, Any], height: int, width: int) -> list[tuple[int, int]]:
     """Feature-map sizes (h, w) of the UNet's cross-attention layers for an output of height × width: level l
     (resolution image_size / 2^l in the config) runs at (height / 2^l, width / 2^l)."""
     levels = len(tuple(model_config.channel_mult))

@@ -26,7 +26,8 @@ rule on the full conditioning.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +57,7 @@ class HeunConfig:
             raise ValueError(f"s_churn must be >= 0, got {self.s_churn}")
 
     @classmethod
-    def from_config(cls, cfg) -> HeunConfig:
+    def from_config(cls, cfg: Mapping[str, Any]) -> HeunConfig:
         """From an ml_collections `sample` subtree (unknown fields are ignored)."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in dict(cfg).items() if k in names})

@@ -40,8 +40,9 @@ def is_sr(config: ml_collections.ConfigDict) -> bool:
     return int(config.get("sr", {}).get("factor", 0)) > 0
 
 
-def downsample(images: np.ndarray | jax.Array, factor: int):
-    """Area average over factor×factor blocks of [..., H, W, C] (H, W divisible by factor); NumPy in, NumPy out."""
+def downsample(images: np.ndarray | jax.Array, factor: int) -> np.ndarray | jax.Array:
+    """Area average over factor×factor blocks of [..., H, W, C] (H, W divisible by factor); NumPy in, NumPy out
+    (a jax.Array gives a jax.Array)."""
     x = images
     h, w, c = x.shape[-3:]
     if factor < 1 or h % factor or w % factor:
@@ -114,7 +115,8 @@ def sampling_conditioning(
     return conditioning(augment(key, jnp.asarray(lowres), s), s, size, sigma_data)
 
 
-def check_stage_input(lowres_hw: tuple[int, int], config: ml_collections.ConfigDict, stage: str = "SR stage"):
+def check_stage_input(lowres_hw: tuple[int, int], config: ml_collections.ConfigDict,
+                      stage: str = "SR stage") -> None:
     """One-line error when a cascade stage's input is not what its config expects (previous output × factor must
     be divisible by the UNet's downsampling)."""
     f = int(config.sr.factor)

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -28,8 +28,15 @@ from ediffi_jax.config import run_config
 from ediffi_jax.encoders import FrozenEncoders, save_encoders, setup_encoders
 from ediffi_jax.experts import ExpertTree
 from ediffi_jax.models.conditioning import Embedding
-from ediffi_jax.paint_with_words import Region, build_maps, cross_attention_sizes, make_attn_bias_fn, weight_fn
-from ediffi_jax.sampling import HeunConfig, chained_guidance, heun_sample
+from ediffi_jax.paint_with_words import (
+    PaintMaps,
+    Region,
+    build_maps,
+    cross_attention_sizes,
+    make_attn_bias_fn,
+    weight_fn,
+)
+from ediffi_jax.sampling import Denoiser, HeunConfig, chained_guidance, heun_sample
 from ediffi_jax.tracing import abstract_module
 from ediffi_jax.train.checkpoint import Checkpointer, abstract_like, config_to_dict
 from ediffi_jax.train.step import build_model, init_train_state, make_optimizer, split_model
@@ -65,7 +72,7 @@ def guided_denoiser(
     paint: Mapping[str, Any] | None = None,
     paint_fn: str = "paper",
     cond: Mapping[str, jax.Array] | None = None,
-):
+) -> Denoiser:
     """D̃(x; σ) with per-embedding guidance, every branch in one forward pass of batch K·B.
 
     D̃ = D_u + s_text·(D_text − D_u) [+ s_image·(D_text+image − D_text) when an image embedding is given];
@@ -124,7 +131,7 @@ def make_sampler(
     progress: StepProgress | None = None,
     tree: ExpertTree | None = None,
     paint_fn: str = "paper",
-):
+) -> Callable[..., jax.Array]:
     """jit(params, embeddings, noise, key, guidance_scale, image_guidance_scale, paint=None, cond=None) → images in
     [-1, 1] (float32). `paint`: None, or {"maps": PaintMaps.arrays, "weight": w′} for paint-with-words with the
     weight function `paint_fn` (one more compile per shape; None costs nothing). `cond`: an SR stage's low-res
@@ -334,8 +341,8 @@ class TextToImage:
                              f"got {len(regions)} lists")
         return [list(r) for r in regions]
 
-    def paint_maps(self, prompts: Sequence[str], regions, embeddings: Mapping[str, Embedding],
-                   output_size: tuple[int, int]):
+    def paint_maps(self, prompts: Sequence[str], regions: Sequence[Region] | Sequence[Sequence[Region]],
+                   embeddings: Mapping[str, Embedding], output_size: tuple[int, int]) -> PaintMaps:
         """The paint-with-words token maps A of `prompts` for the context of `embeddings` (conditioning order,
         the null token excluded), at every cross-attention size of the UNet for `output_size`."""
         streams = []

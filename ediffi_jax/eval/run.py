@@ -28,10 +28,11 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ml_collections
 import numpy as np
+from flax import nnx
 
 from ediffi_jax.eval import distributed
 from ediffi_jax.eval.features import file_sha256, image_features, image_statistics, inception_info, load_inception
@@ -40,6 +41,9 @@ from ediffi_jax.eval.folder import CAPTIONS_FILE, CaptionedImages, ImageFolder, 
 from ediffi_jax.eval.generate import Generator, generate_folder
 from ediffi_jax.eval.reference import reference_statistics
 from ediffi_jax.eval.report import plot_curve, write_report
+
+if TYPE_CHECKING:
+    from ediffi_jax.eval.clip_score import CLIPScorer
 
 __all__ = ["EvalConfig", "Evaluator", "run_scales", "scale_key", "run_data_config", "REPORT_FILE", "CURVE_FILE",
            "REF_STATS_FILE"]
@@ -78,7 +82,8 @@ class Evaluator:
         self._inception = None
         self._clip = None
 
-    def inception(self):
+    def inception(self) -> nnx.Module:
+        """The FID InceptionV3, loaded on first use."""
         if self._inception is None:
             self._inception = load_inception(self.config.inception_weights, self.config.inception_size)
         return self._inception
@@ -88,7 +93,8 @@ class Evaluator:
         info = inception_info(self.config.inception_weights, self.config.inception_size)
         return {**info, "fid_method": self.config.fid_method}
 
-    def clip(self):
+    def clip(self) -> CLIPScorer:
+        """The CLIP-score model, loaded on first use."""
         if self._clip is None:
             from ediffi_jax.eval.clip_score import CLIPScorer
 
