@@ -17,12 +17,17 @@ FID and CLIP scores computed with these are NOT meaningful (random features); th
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
 __all__ = ["random_inception_state_dict", "write_random_inception", "write_random_clip", "TINY_CLIP"]
+
+# torch's default generator is one per process: two threads seeding it and drawing a model's initial weights at the
+# same time (the test suite writes these files from a background thread too) would interleave their draws.
+_TORCH_RNG = threading.Lock()
 
 # A tiny CLIPModel: 77 text positions (CLIP's context length), 32×32 images in 8×8 patches.
 TINY_CLIP = dict(
@@ -90,8 +95,10 @@ def write_random_clip(out_dir: str, texts: Iterable[str], seed: int = 0, **overr
     spec = {**TINY_CLIP, **overrides}
     text = dict(spec["text"], vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, bos_token_id=tok.bos_id,
                 pad_token_id=tok.pad_id)
-    torch.manual_seed(seed)
     config = transformers.CLIPConfig(text_config=text, vision_config=dict(spec["vision"]),
                                      projection_dim=spec["projection_dim"])
-    transformers.CLIPModel(config).eval().save_pretrained(out_dir)
+    with _TORCH_RNG:
+        torch.manual_seed(seed)
+        model = transformers.CLIPModel(config).eval()
+    model.save_pretrained(out_dir)
     return out_dir
