@@ -9,7 +9,9 @@ bitwise the uninterrupted one.
 
 `--compile_cache` of `ediffi-train` and `ediffi-expert-tree`:
     auto   (default) keep a cache the process already has (JAX_COMPILATION_CACHE_DIR, jax.config), else
-           RUN_DIR/compile_cache when RUN_DIR is a local path (a remote one, gs://…, would need etils: left off)
+           RUN_DIR/compile_cache (a gs://… run dir too: JAX reaches a remote cache through etils' epath,
+           as Orbax reaches the run's checkpoints there; a TPU pod's hosts then share one cache, as JAX's
+           docs advise; a cache that cannot be read or written is a warning, never a failed run)
     none   no persistent cache, also not one named by JAX_COMPILATION_CACHE_DIR
     DIR    this directory (shared by the runs that name it; a cache is trusted code: keep it private)
 
@@ -54,12 +56,17 @@ def resolve(setting: str, run_dir: str, current: str | None) -> str | None:
     if setting == "auto":
         if current:
             return current
-        if "://" in run_dir:
-            return None
-        return os.path.join(os.path.abspath(run_dir), SUBDIR)
+        return _join(run_dir, SUBDIR)
     if not setting:
         raise ValueError("--compile_cache is empty: give auto, none or a directory")
-    return setting if "://" in setting else os.path.abspath(setting)
+    return _join(setting)
+
+
+def _join(path: str, *parts: str) -> str:
+    """An absolute local path, or a remote URL (gs://…) joined with '/'."""
+    if "://" in path:
+        return "/".join([path.rstrip("/"), *parts])
+    return os.path.join(os.path.abspath(path), *parts)
 
 
 def enable(setting: str, run_dir: str) -> str | None:

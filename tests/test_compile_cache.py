@@ -20,7 +20,7 @@ def test_settings_pick_the_directory(tmp_path):
     assert compile_cache.resolve("auto", run, None) == os.path.join(run, "compile_cache")
     assert compile_cache.resolve("auto", "relative/run", None) == os.path.abspath("relative/run/compile_cache")
     assert compile_cache.resolve("auto", run, "/shared/jax") == "/shared/jax"  # the process's own cache wins
-    assert compile_cache.resolve("auto", "gs://bucket/run", None) is None  # remote run dirs: no default cache
+    assert compile_cache.resolve("auto", "gs://bucket/run/", None) == "gs://bucket/run/compile_cache"  # pods
     assert compile_cache.resolve("none", run, "/shared/jax") is None
     assert compile_cache.resolve("cache", run, "/shared/jax") == os.path.abspath("cache")
     assert compile_cache.resolve("gs://b/cache", run, None) == "gs://b/cache"
